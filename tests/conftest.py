@@ -1,0 +1,19 @@
+import jax
+import pytest
+
+from tinyonn_jax.config import ModelConfig
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny_model_config(**kw) -> ModelConfig:
+    """hidden 16, 2 heads, 4 experts, 2 steps: the brute-force test size."""
+    base = dict(vocab_size=18, hidden=16, num_heads=2, num_attn_experts=4, num_ffn_experts=4,
+                ffn_mult=2, max_refinement_steps=2, attn_top_k=2, ffn_top_k=2, init_std=0.5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return tiny_model_config()

@@ -1,0 +1,206 @@
+"""Invariants of the functional core (issue 2)."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_model_config
+
+from tinyonn_jax.config import Config, ModelConfig, apply_overrides
+from tinyonn_jax.model import attention, experts, recursion, routing
+from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.params import MAIN, META, param_labels
+
+T = 6
+
+
+def _setup(cfg, b=2, seed=0):
+    params = tr.init_params(jax.random.key(seed), cfg)
+    tokens = jax.random.randint(jax.random.key(seed + 1), (b, T), 0, cfg.vocab_size)
+    return params, tokens
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("rope", ["none", "rope1d"])
+def test_scan_equals_unrolled(jit, rope):
+    cfg = tiny_model_config(rope=rope, max_refinement_steps=3)
+    params, tokens = _setup(cfg)
+    fwd = (lambda p, t: tr.forward(p, t, cfg)[0])
+    logits = (jax.jit(fwd) if jit else fwd)(params, tokens)
+
+    ctx = recursion.make_context(tokens)
+    x = tr.embed(params, tokens, cfg)
+    for _ in range(cfg.max_refinement_steps):  # the reference: a plain Python loop, not jitted
+        x, _ = recursion.block_step(params["block"], x, None, ctx, cfg)
+    _, ref = tr.make_readout(cfg)(params, x)
+    np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_causal(tiny_cfg):
+    params, tokens = _setup(tiny_cfg, b=1)
+    ctx = recursion.make_context(tokens)
+    x0 = tr.embed(params, tokens, tiny_cfg)
+    readout = tr.make_readout(tiny_cfg)
+
+    def logits_from_x(x):
+        return recursion.refine(params, x, ctx, tiny_cfg, None, readout)[1]["logits"][-1]
+
+    jac = jax.jacrev(logits_from_x)(x0)  # (1,T,V, 1,T,D)
+    dep = jnp.abs(jac).sum(axis=(2, 5))[0, :, 0, :]  # (T_out, T_in)
+    later = np.triu(np.ones((T, T), bool), k=1)
+    assert np.all(np.asarray(dep)[later] == 0.0)
+    assert np.all(np.asarray(dep)[~later] > 0.0)
+
+
+def test_segments_do_not_attend_to_each_other(tiny_cfg):
+    params, tokens = _setup(tiny_cfg, b=1)
+    seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+    pos = jnp.array([[0, 1, 2, 0, 1, 0]])
+    logits, _ = tr.forward(params, tokens, tiny_cfg, positions=pos, segment_ids=seg)
+    alone, _ = tr.forward(params, tokens[:, 3:5], tiny_cfg)
+    np.testing.assert_allclose(logits[:, 3:5], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["capr", "topk", "dense"])
+def test_routing_contract(mode):
+    u = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    proto = jax.random.normal(jax.random.key(1), (6, 8))
+    gate = 0.3 * jax.random.normal(jax.random.key(2), (6,))
+    r = routing.route(u, proto, gate, mode, top_k=2)
+    z, mask = np.asarray(r.z), np.asarray(r.mask)
+    assert np.all(z >= 0)
+    assert np.all(z[~mask] == 0.0)
+    assert np.all(z[mask] > 0.0)
+    np.testing.assert_array_equal(np.asarray(r.k), mask.sum(-1))
+    scores = np.asarray(routing.prototype_scores(u, proto, gate))
+    if mode == "capr":
+        np.testing.assert_allclose(z, np.maximum(scores, 0.0), rtol=1e-6)
+        assert 0 < mask.mean() < 1
+    elif mode == "topk":
+        assert np.all(mask.sum(-1) == 2)
+        np.testing.assert_allclose(z.sum(-1), 1.0, rtol=1e-6)
+        kth = np.sort(scores, -1)[..., -2:-1]
+        assert np.all(scores[mask] >= np.broadcast_to(kth, scores.shape)[mask])
+    else:
+        np.testing.assert_allclose(z, 1.0 / 6)
+
+
+def test_mas_divides_by_max_abs():
+    v = jnp.array([[1.0, -4.0, 2.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(routing.mas(v), [[0.25, -1.0, 0.5], [0, 0, 0]], atol=1e-8)
+
+
+def test_dense_composition_equals_per_expert_loop():
+    bank = experts.init_bank(jax.random.key(0), 5, 4, 7, 3)
+    u = jax.random.normal(jax.random.key(1), (2, 6, 4))
+    z = jax.nn.relu(jax.random.normal(jax.random.key(2), (2, 6, 5)))
+    out = experts.apply_dense(bank, u, z)
+    w1, w2 = np.asarray(bank["w1"]), np.asarray(bank["w2"])
+    un, zn = np.asarray(u), np.asarray(z)
+    ref = np.zeros((2, 6, 3))
+    for p in range(5):
+        h = un @ w1[p]
+        ref += zn[..., p:p + 1] * ((h / (1 + np.exp(-h))) @ w2[p])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_qkv_composition_matches_per_head_reference(tiny_cfg):
+    params = attention.init_attention(jax.random.key(0), tiny_cfg)
+    u = jax.random.normal(jax.random.key(1), (1, T, tiny_cfg.num_heads, tiny_cfg.head_dim))
+    routes = attention.route_attention(params, u, tiny_cfg)
+    out = attention.compose_qkv(params, u, {c: r.z for c, r in routes.items()}, None)
+    for c in attention.QKV:
+        ref = experts.apply_dense(params["library"], u, routes[c].z)
+        np.testing.assert_allclose(out[c], ref, rtol=1e-6, atol=1e-6)
+
+
+def _loss(params, tokens, cfg):
+    logits, _ = tr.forward(params, tokens, cfg)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+        logits, tokens[..., None], -1)[..., 0])
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots"])
+def test_remat_same_loss_and_grads(policy):
+    cfg = tiny_model_config()
+    params, tokens = _setup(cfg)
+    l0, g0 = jax.jit(jax.value_and_grad(_loss), static_argnums=2)(params, tokens, cfg)
+    cfg_r = dataclasses.replace(cfg, remat=policy)
+    l1, g1 = jax.jit(jax.value_and_grad(_loss), static_argnums=2)(params, tokens, cfg_r)
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_halting_threshold_extremes(tiny_cfg, jit):
+    cfg = dataclasses.replace(tiny_cfg, max_refinement_steps=4)
+    params, tokens = _setup(cfg)
+    run = lambda thr: tr.forward_adaptive(params, tokens, cfg, threshold=thr)  # noqa: E731
+    if jit:
+        run = jax.jit(run)
+    logits0, steps0 = run(0.0)
+    logits_n, steps_n = run(1.5)
+    assert np.all(np.asarray(steps0) == 1)
+    assert np.all(np.asarray(steps_n) == cfg.max_refinement_steps)
+    full, aux = tr.forward(params, tokens, cfg)
+    np.testing.assert_allclose(logits_n, full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits0, aux["logits"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_halting_freezes_finished_rows(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, max_refinement_steps=4)
+    params, tokens = _setup(cfg)
+    _, aux = tr.forward(params, tokens, cfg)
+    # Point the halting head along the difference of the two rows' pooled states after step 1,
+    # so row 0 halts at once and row 1 continues.
+    h, _ = tr.make_readout(cfg)(params, aux["hidden"][0])
+    pooled = np.asarray(h.mean(axis=1))
+    d = pooled[0] - pooled[1]
+    c = 50.0 / float(d @ d)
+    params["halt"]["w"] = jnp.stack([jnp.asarray(c * d), jnp.zeros_like(d)], axis=1)
+    params["halt"]["b"] = jnp.array([-c * float(d @ (pooled[0] + pooled[1])) / 2, 0.0])
+    logits, steps = tr.forward_adaptive(params, tokens, cfg, threshold=0.5)
+    steps = np.asarray(steps)
+    assert steps[0] == 1 and steps[1] > 1
+    _, aux = tr.forward(params, tokens, cfg)
+    for row in range(2):
+        np.testing.assert_allclose(logits[row], aux["logits"][steps[row] - 1, row],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_param_labels_cover_every_leaf_once(tiny_cfg):
+    params = tr.init_params(jax.random.key(0), tiny_cfg)
+    labels = param_labels(params)
+    assert jax.tree.structure(labels) == jax.tree.structure(params)
+    flat = jax.tree_util.tree_flatten_with_path(labels)[0]
+    assert {lab for _, lab in flat} == {MAIN, META}
+    meta_names = sorted(jax.tree_util.keystr(p) for p, lab in flat if lab == META)
+    assert meta_names == sorted(
+        [f"['block']['attn']['{k}_{c}']" for k in ("gate", "proto") for c in "qkv"]
+        + ["['block']['ffn']['gate']", "['block']['ffn']['proto']"])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden", 0), ("num_heads", 3), ("attn_routing", "softmax"), ("rope", "3d"),
+    ("max_refinement_steps", -1), ("remat", "everything"), ("ln_eps", 0.0),
+])
+def test_bad_model_config_raises(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{field: value})
+
+
+def test_topk_larger_than_pool_raises():
+    with pytest.raises(ValueError, match="ffn_top_k"):
+        ModelConfig(ffn_routing="topk", ffn_top_k=17)
+
+
+def test_overrides_validate_and_reject_unknown_keys():
+    cfg = apply_overrides(Config(), ["model.hidden=64", "model.num_heads=4", "train.num_steps=3"])
+    assert cfg.model.hidden == 64 and cfg.train.num_steps == 3
+    with pytest.raises(ValueError, match="unknown config key 'model.hiden'"):
+        apply_overrides(cfg, ["model.hiden=3"])
+    with pytest.raises(ValueError, match="num_heads"):
+        apply_overrides(cfg, ["model.num_heads=5"])

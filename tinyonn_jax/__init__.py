@@ -1,0 +1,3 @@
+"""Tiny-ONN in JAX."""
+
+__version__ = "0.1.0"

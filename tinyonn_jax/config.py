@@ -1,0 +1,276 @@
+"""Configuration: frozen keyword-only dataclasses, validated on construction.
+
+Every section rejects bad values with a ``ValueError`` that names the offending field, so a
+typo in a config file or on the command line fails before anything is traced by JAX.
+``Config.replace_path("model.hidden", 64)`` and ``apply_overrides`` give the ``--set`` syntax of
+the training program.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ROUTING_MODES = ("capr", "topk", "dense")
+ROPE_MODES = ("none", "rope1d")
+REMAT_POLICIES = ("none", "full", "save_dots")
+IMPORTANCE_MODES = ("attribution", "output_grad")
+META_LOSSES = ("entropy_plus", "entropy_minus", "entropy_plain", "dyntrm_original")
+DISPATCH_MODES = ("dense",)
+DTYPES = ("float32", "bfloat16")
+
+
+def _check(cond: bool, section: str, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"config {section}.{name}={value!r}: {why}")
+
+
+def _positive_int(section: str, obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, section, n, v,
+               "must be a positive integer")
+
+
+def _non_negative(section: str, obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, section, n, v,
+               "must be a non-negative number")
+
+
+def _choice(section: str, obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    v = getattr(obj, name)
+    _check(v in choices, section, name, v, f"must be one of {choices}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of DynTRM with DynSIHA+ attention and DynMoE feed-forward experts."""
+
+    vocab_size: int = 18
+    hidden: int = 512
+    num_heads: int = 8
+    num_attn_experts: int = 64  # latent attention heads in the shared library, width hidden/heads
+    attn_expert_hidden: int = 0  # hidden width of a latent head's MLP; 0 means hidden/heads
+    num_ffn_experts: int = 16
+    ffn_mult: int = 4  # FFN expert: hidden -> ffn_mult*hidden -> hidden
+    use_ffn: bool = True  # False reproduces the original attention-only block
+    max_refinement_steps: int = 8
+    attn_routing: str = "capr"
+    ffn_routing: str = "capr"
+    attn_top_k: int = 8
+    ffn_top_k: int = 2
+    rope: str = "rope1d"
+    rope_base: float = 10000.0
+    final_norm: bool = True
+    ln_eps: float = 1e-5
+    init_std: float = 0.02
+    remat: str = "none"  # rematerialisation policy of the scan body
+    halt_threshold: float = 0.5  # inference early exit when sigmoid(q_halt - q_continue) > this
+    dispatch: str = "dense"
+    capacity_factor: float = 2.0
+    compute_dtype: str = "float32"
+    max_len: int = 4096
+
+    def __post_init__(self) -> None:
+        s = "model"
+        _positive_int(s, self, "vocab_size", "hidden", "num_heads", "num_attn_experts",
+                      "num_ffn_experts", "ffn_mult", "max_refinement_steps", "attn_top_k",
+                      "ffn_top_k", "max_len")
+        _check(self.hidden % self.num_heads == 0, s, "num_heads", self.num_heads,
+               f"must divide hidden={self.hidden}")
+        _check(isinstance(self.attn_expert_hidden, int) and self.attn_expert_hidden >= 0, s,
+               "attn_expert_hidden", self.attn_expert_hidden, "must be an integer >= 0")
+        _choice(s, self, "attn_routing", ROUTING_MODES)
+        _choice(s, self, "ffn_routing", ROUTING_MODES)
+        if self.attn_routing == "topk":
+            _check(self.attn_top_k <= self.num_attn_experts, s, "attn_top_k", self.attn_top_k,
+                   f"must be <= num_attn_experts={self.num_attn_experts}")
+        if self.ffn_routing == "topk":
+            _check(self.ffn_top_k <= self.num_ffn_experts, s, "ffn_top_k", self.ffn_top_k,
+                   f"must be <= num_ffn_experts={self.num_ffn_experts}")
+        _choice(s, self, "rope", ROPE_MODES)
+        if self.rope == "rope1d":
+            _check(self.head_dim % 2 == 0, s, "rope", self.rope,
+                   f"1D RoPE needs an even head width, got {self.head_dim}")
+        _check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
+        _check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
+        _check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
+        _choice(s, self, "remat", REMAT_POLICIES)
+        _check(0.0 <= self.halt_threshold, s, "halt_threshold", self.halt_threshold,
+               "must be >= 0 (values > 1 disable early exit)")
+        _choice(s, self, "dispatch", DISPATCH_MODES)
+        _check(self.capacity_factor > 0, s, "capacity_factor", self.capacity_factor,
+               "must be > 0")
+        _choice(s, self, "compute_dtype", DTYPES)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+    @property
+    def attn_mlp_hidden(self) -> int:
+        return self.attn_expert_hidden or self.head_dim
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.ffn_mult * self.hidden
+
+
+@dataclass(frozen=True, kw_only=True)
+class SarsConfig:
+    """Surprise-aware routing shaping: goodness, meta loss, gradient isolation."""
+
+    enabled: bool = True
+    importance: str = "attribution"
+    meta_loss: str = "entropy_plus"
+    w_meta: float = 1.0
+    w_act: float = 0.01
+    isolate: bool = True  # main loss -> main params only; meta loss -> meta params only
+
+    def __post_init__(self) -> None:
+        s = "sars"
+        _choice(s, self, "importance", IMPORTANCE_MODES)
+        _choice(s, self, "meta_loss", META_LOSSES)
+        _non_negative(s, self, "w_meta", "w_act")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """One optax chain: any ``optax.<name>(learning_rate, **kwargs)`` plus clipping and schedule."""
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    kwargs: tuple[tuple[str, Any], ...] = (("weight_decay", 0.01),)
+    clip_value: float = 0.0  # element-wise clipping (the original's clip_grad_value); 0 = off
+    clip_norm: float = 0.0  # global-norm clipping; 0 = off
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    decay_steps: int = 0
+
+    def __post_init__(self) -> None:
+        s = "optim"
+        _check(isinstance(self.name, str) and self.name.isidentifier(), s, "name", self.name,
+               "must name an optax optimizer, e.g. 'adamw' or 'lion'")
+        _check(self.learning_rate > 0, s, "learning_rate", self.learning_rate, "must be > 0")
+        _non_negative(s, self, "clip_value", "clip_norm", "warmup_steps", "decay_steps")
+        _check(self.schedule in ("constant", "cosine"), s, "schedule", self.schedule,
+               "must be 'constant' or 'cosine'")
+        if self.schedule == "cosine":
+            _check(self.decay_steps > 0, s, "decay_steps", self.decay_steps,
+                   "must be > 0 for the cosine schedule")
+        if isinstance(self.kwargs, dict):  # accept a dict from config files, store hashably
+            object.__setattr__(self, "kwargs", tuple(sorted(self.kwargs.items())))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where tasks come from and how they become static-shape batches."""
+
+    source: str = "arc1"  # arc1 | arc2 | a directory of task JSON files
+    split: str = "train"
+    max_len: int = 4096
+    batch_size: int = 1
+    min_bucket: int = 64
+    max_tasks: int = 0  # 0 = all
+    augment: bool = True
+    views_per_task: int = 4
+    curriculum_warmup: float = 0.1
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        s = "data"
+        _positive_int(s, self, "max_len", "batch_size", "min_bucket", "views_per_task")
+        _check(self.split in ("train", "eval"), s, "split", self.split,
+               "must be 'train' or 'eval'")
+        _check(isinstance(self.max_tasks, int) and self.max_tasks >= 0, s, "max_tasks",
+               self.max_tasks, "must be an integer >= 0")
+        _check(0.0 <= self.curriculum_warmup <= 1.0, s, "curriculum_warmup",
+               self.curriculum_warmup, "must be in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop."""
+
+    num_steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    plot_every: int = 50
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+    mesh_data: int = -1  # -1 = all devices not used by the expert axis
+    mesh_expert: int = 1
+
+    def __post_init__(self) -> None:
+        s = "train"
+        _positive_int(s, self, "num_steps", "log_every", "plot_every", "ckpt_every",
+                      "keep_checkpoints", "mesh_expert")
+        _check(isinstance(self.eval_every, int) and self.eval_every >= 0, s, "eval_every",
+               self.eval_every, "must be an integer >= 0")
+        _check(self.mesh_data == -1 or self.mesh_data > 0, s, "mesh_data", self.mesh_data,
+               "must be -1 (auto) or a positive integer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole experiment."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sars: SarsConfig = field(default_factory=SarsConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    meta_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def replace_path(self, path: str, value: Any) -> Config:
+        """Return a copy with ``section.key`` set to ``value`` (validated)."""
+        section, _, key = path.partition(".")
+        names = {f.name for f in dataclasses.fields(self)}
+        if section not in names or not key:
+            raise ValueError(f"unknown config key {path!r}; sections are {sorted(names)}")
+        sub = getattr(self, section)
+        keys = {f.name for f in dataclasses.fields(sub)}
+        if key not in keys:
+            raise ValueError(f"unknown config key {path!r}; {section} has {sorted(keys)}")
+        return dataclasses.replace(self, **{section: dataclasses.replace(sub, **{key: value})})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        kinds = {"model": ModelConfig, "sars": SarsConfig, "optim": OptimizerConfig,
+                 "meta_optim": OptimizerConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = set(d) - set(kinds)
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}")
+        parts = {}
+        for k, v in d.items():
+            v = dict(v)
+            if "kwargs" in v and isinstance(v["kwargs"], (list, tuple)):
+                v["kwargs"] = tuple(tuple(p) for p in v["kwargs"])
+            parts[k] = kinds[k](**v)
+        return cls(**parts)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value: a Python literal if it is one, else the raw string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings in order."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        cfg = cfg.replace_path(path.strip(), parse_value(raw.strip()))
+    return cfg

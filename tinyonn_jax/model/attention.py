@@ -1,0 +1,100 @@
+"""DynSIHA+: attention whose per-head q, k and v are composed from a shared latent-head library.
+
+For each physical head h the normalised input slice u (B,T,H,Dh) is routed three times (own
+prototypes and gates for q, k and v) over the P latent heads of one shared ExpertMLP library, and
+``q = sum_p z_q,p E_p(u)`` (likewise k, v). Because the three compositions read the same u and the
+same library, the library is evaluated once per step and only the weighting differs.
+Then causal scaled dot-product attention (optionally with 1D RoPE) and an output projection.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.model import experts
+from tinyonn_jax.model.routing import Route, route
+
+QKV = ("q", "k", "v")
+
+
+def init_attention(key: jax.Array, cfg: ModelConfig) -> dict:
+    """Library (P, Dh, F) / (P, F, Dh), prototypes (P, Dh) and gates (P,) per q/k/v, o_proj (D, D)."""
+    keys = jax.random.split(key, 5)
+    p, dh, d = cfg.num_attn_experts, cfg.head_dim, cfg.hidden
+    params = {"library": experts.init_bank(keys[0], p, dh, cfg.attn_mlp_hidden, dh)}
+    for i, c in enumerate(QKV):
+        params[f"proto_{c}"] = cfg.init_std * jax.random.normal(keys[1 + i], (p, dh))
+        params[f"gate_{c}"] = jnp.zeros((p,), jnp.float32)
+    params["o_proj"] = jax.random.normal(keys[4], (d, d)) / jnp.sqrt(d)
+    return params
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """(B, T, D) -> (B, T, H, D/H)."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def route_attention(params: dict, u: jax.Array, cfg: ModelConfig) -> dict[str, Route]:
+    """Route u (B,T,H,Dh) for q, k and v -> {c: Route with z (B,T,H,P)}."""
+    return {
+        c: route(u, params[f"proto_{c}"], params[f"gate_{c}"], cfg.attn_routing, cfg.attn_top_k)
+        for c in QKV
+    }
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position encoding over the last axis: x (B,T,H,Dh), positions (B,T)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None, None].astype(jnp.float32) * freqs  # (B,T,1,half)
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
+                   k_seg: jax.Array) -> jax.Array:
+    """Causal, segment-local mask (B, Tq, Tk) from absolute slot indices and segment ids."""
+    causal = k_pos[:, None, :] <= q_pos[:, :, None]
+    return causal & (q_seg[:, :, None] == k_seg[:, None, :])
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array) -> jax.Array:
+    """Softmax attention in float32: q (B,Tq,H,Dh), k/v (B,Tk,H,Dh), mask (B,Tq,Tk) -> (B,Tq,H,Dh).
+
+    Every query must be allowed at least one key (itself), so no row is all -inf.
+    """
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def compose_qkv(params: dict, u: jax.Array, z: dict[str, jax.Array],
+                probes: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
+    """q, k, v (B,T,H,Dh) = sum_p z_c,p E_p(u) (+ zero probe), the library evaluated once."""
+    y = experts.bank_outputs(params["library"], u)  # (B,T,H,P,Dh)
+    out = {}
+    for c in QKV:  # three weightings of one tensor, not a loop over experts or heads
+        a = experts.combine(z[c], y)
+        out[c] = a if probes is None else a + probes[c].astype(a.dtype)
+    return out
+
+
+def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],
+                   probes: dict[str, jax.Array] | None, positions: jax.Array,
+                   segment_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Everything after routing: compose q/k/v, RoPE, causal attention, o_proj -> (B,T,D)."""
+    qkv = compose_qkv(params, u, z, probes)
+    q, k, v = qkv["q"], qkv["k"], qkv["v"]
+    if cfg.rope == "rope1d":
+        q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+    slots = jnp.broadcast_to(jnp.arange(u.shape[1]), u.shape[:2])
+    mask = attention_mask(slots, slots, segment_ids, segment_ids)
+    o = dot_product_attention(q, k, v, mask)
+    o = o.reshape(*o.shape[:2], -1)
+    return o @ params["o_proj"].astype(o.dtype)

@@ -1,0 +1,32 @@
+"""DynMoE feed-forward: prototype routing over FFN experts (D -> ffn_mult*D -> D), weighted sum."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.model import experts
+from tinyonn_jax.model.routing import Route, route
+
+
+def init_moe(key: jax.Array, cfg: ModelConfig) -> dict:
+    """Bank W1 (E, D, F), W2 (E, F, D); prototypes (E, D); gates (E,)."""
+    k1, k2 = jax.random.split(key)
+    e, d = cfg.num_ffn_experts, cfg.hidden
+    return {
+        "bank": experts.init_bank(k1, e, d, cfg.ffn_hidden, d),
+        "proto": cfg.init_std * jax.random.normal(k2, (e, d)),
+        "gate": jnp.zeros((e,), jnp.float32),
+    }
+
+
+def route_moe(params: dict, u: jax.Array, cfg: ModelConfig) -> Route:
+    """Route u (B,T,D) over the FFN experts -> Route with z (B,T,E)."""
+    return route(u, params["proto"], params["gate"], cfg.ffn_routing, cfg.ffn_top_k)
+
+
+def moe_core(params: dict, u: jax.Array, z: jax.Array, probe: jax.Array | None) -> jax.Array:
+    """``sum_e z_e E_e(u)`` (+ zero probe): u (B,T,D), z (B,T,E) -> (B,T,D)."""
+    a = experts.apply_dense(params["bank"], u, z)
+    return a if probe is None else a + probe.astype(a.dtype)

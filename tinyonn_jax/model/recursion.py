@@ -1,0 +1,141 @@
+"""DynTRM: one shared pre-norm block applied for N refinement steps with ``lax.scan``.
+
+Block: ``x += attn(LN1 x); x += ffn(LN2 x)``. Routing (LayerNorm + prototype scores + the hard
+decision) runs outside the optional ``jax.checkpoint``; only the deterministic expert and attention
+compute is rematerialised, so a recomputation can never flip a routing decision (seed 002).
+
+The ACT halting head reads the mean of the normalised hidden state over a row's valid tokens and
+emits (q_halt, q_continue) per refinement step. Training runs all steps; inference may stop each
+row early (``refine_adaptive``) with fixed shapes: finished rows are frozen with ``jnp.where`` and
+the ``while_loop`` ends when every row has halted.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.model import attention, moe
+from tinyonn_jax.model.norm import init_layer_norm, layer_norm
+
+
+class Context(NamedTuple):
+    """Per-token layout of a batch, constant across refinement steps. All (B, T)."""
+
+    positions: jax.Array  # position inside the token's own packed sequence (RoPE)
+    segment_ids: jax.Array  # 0 = padding, 1.. = packed sequence id (attention stays inside it)
+
+    @property
+    def valid(self) -> jax.Array:
+        return (self.segment_ids > 0).astype(jnp.float32)
+
+
+def make_context(tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> Context:
+    """Default layout: one sequence per row, every slot valid."""
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    return Context(positions=positions, segment_ids=segment_ids)
+
+
+def init_block(key: jax.Array, cfg: ModelConfig) -> dict:
+    k_attn, k_ffn = jax.random.split(key)
+    params = {"ln1": init_layer_norm(cfg.hidden), "attn": attention.init_attention(k_attn, cfg)}
+    if cfg.use_ffn:
+        params["ln2"] = init_layer_norm(cfg.hidden)
+        params["ffn"] = moe.init_moe(k_ffn, cfg)
+    return params
+
+
+def init_halting(cfg: ModelConfig) -> dict:
+    """Zero weights and a negative q_halt bias: start by refining for all steps (TRM's choice)."""
+    return {"w": jnp.zeros((cfg.hidden, 2), jnp.float32), "b": jnp.array([-5.0, 0.0], jnp.float32)}
+
+
+def remat(fn, policy: str):
+    """Wrap ``fn`` in ``jax.checkpoint`` according to the configured policy."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    if policy == "save_dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.checkpoint_dots)
+    raise ValueError(f"unknown remat policy {policy!r}")
+
+
+def halting_logits(params: dict, h: jax.Array, valid: jax.Array) -> jax.Array:
+    """(q_halt, q_continue) per row from normalised hidden h (B,T,D), valid (B,T) -> (B, 2)."""
+    pooled = jnp.sum(h * valid[..., None], axis=1) / jnp.maximum(valid.sum(1, keepdims=True), 1.0)
+    return pooled.astype(jnp.float32) @ params["w"] + params["b"]
+
+
+def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
+               cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """One refinement step. x (B,T,D) -> (x, residuals of every expert call site)."""
+    dt = x.dtype
+    u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
+    routes = attention.route_attention(block["attn"], u, cfg)
+    z = {c: r.z for c, r in routes.items()}
+    attn_probes = None if probes is None else {c: probes[c] for c in attention.QKV}
+    core = remat(functools.partial(attention.attention_core, cfg=cfg), cfg.remat)
+    x = x + core(block["attn"], u, z, attn_probes, ctx.positions, ctx.segment_ids).astype(dt)
+    res = {"u_attn": u}
+    for c, r in routes.items():
+        res[f"z_{c}"], res[f"k_{c}"] = r.z, r.k
+    if cfg.use_ffn:
+        uf = layer_norm(block["ln2"], x, cfg.ln_eps)
+        rf = moe.route_moe(block["ffn"], uf, cfg)
+        ffn = remat(moe.moe_core, cfg.remat)
+        x = x + ffn(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"]).astype(dt)
+        res.update(u_ffn=uf, z_ffn=rf.z, k_ffn=rf.k)
+    return x, res
+
+
+def refine(params: dict, x: jax.Array, ctx: Context, cfg: ModelConfig,
+           probes: dict | None, readout) -> tuple[jax.Array, dict]:
+    """Scan the shared block over ``max_refinement_steps``.
+
+    ``readout(params, x) -> (h_norm, logits)`` is applied after every step. Returns the final
+    hidden state and per-step residuals stacked on a leading step axis S.
+    """
+
+    def body(x, probes_s):
+        x, res = block_step(params["block"], x, probes_s, ctx, cfg)
+        h, logits = readout(params, x)
+        res["logits"] = logits
+        res["halt_logits"] = halting_logits(params["halt"], h, ctx.valid)
+        res["hidden"] = x
+        return x, res
+
+    return jax.lax.scan(body, x, probes, length=cfg.max_refinement_steps)
+
+
+def refine_adaptive(params: dict, x: jax.Array, ctx: Context, cfg: ModelConfig,
+                    readout, threshold: float) -> tuple[jax.Array, jax.Array]:
+    """Inference with per-row early exit. Returns final hidden (B,T,D) and steps taken (B,)."""
+    b = x.shape[0]
+
+    def cond(carry):
+        s, _, halted, _ = carry
+        return (s < cfg.max_refinement_steps) & ~jnp.all(halted)
+
+    def body(carry):
+        s, x, halted, steps = carry
+        x_new, _ = block_step(params["block"], x, None, ctx, cfg)
+        h, _ = readout(params, x_new)
+        q = halting_logits(params["halt"], h, ctx.valid)
+        stop = jax.nn.sigmoid(q[:, 0] - q[:, 1]) > threshold
+        x = jnp.where(halted[:, None, None], x, x_new)
+        steps = steps + (~halted).astype(jnp.int32)
+        return s + 1, x, halted | stop, steps
+
+    init = (jnp.int32(0), x, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    _, x, _, steps = jax.lax.while_loop(cond, body, init)
+    return x, steps
