@@ -130,12 +130,15 @@ class SarsConfig:
     w_meta: float = 1.0
     w_act: float = 0.01
     isolate: bool = True  # main loss -> main params only; meta loss -> meta params only
+    pi_alpha: float = 1.0  # PI = exp(-alpha * ((1 - gamma) * L / tau + gamma * S)), seed 003
+    pi_gamma: float = 0.5
 
     def __post_init__(self) -> None:
         s = "sars"
         _choice(s, self, "importance", IMPORTANCE_MODES)
         _choice(s, self, "meta_loss", META_LOSSES)
-        _non_negative(s, self, "w_meta", "w_act")
+        _non_negative(s, self, "w_meta", "w_act", "pi_alpha")
+        _check(0.0 <= self.pi_gamma <= 1.0, s, "pi_gamma", self.pi_gamma, "must be in [0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)

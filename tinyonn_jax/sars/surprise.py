@@ -1,0 +1,129 @@
+"""Exact per-expert parameter gradients from the cotangents of aggregated expert outputs.
+
+Every expert call site computes ``A = sum_p z_p E_p(u)`` with ``E_p(u) = silu(u W1_p) W2_p``. The
+forward adds a zero probe to every A, so one ``jax.vjp`` yields ``g = dL/dA`` for every site and
+refinement step alongside the main gradient. With ``h_p = u W1_p`` and ``a_p = silu(h_p)``:
+
+  dL/dW2_p (one token) = z_p a_p^T g               ->  ||.|| = z_p ||a_p|| ||g||
+  dL/dW1_p (one token) = z_p u^T [(g W2_p^T) * silu'(h_p)]
+                                                   ->  ||.|| = z_p ||(g W2_p^T) * silu'(h_p)|| ||u||
+
+Summing the outer products over tokens gives the exact per-site gradients (``site_expert_grads``).
+Importance: the attribution ``O_p = |<g, z_p E_p(u)>|`` (first-order loss change if expert p were
+removed) or the original's ``max_d |g|`` (identical for every p: kept for comparison only).
+Goodness (seed 000): ``G = mas(O) * (mas(z) - mas(C))`` over the expert axis.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.model import experts
+from tinyonn_jax.model.routing import mas
+
+
+class SiteStats(NamedTuple):
+    """Per-token, per-expert quantities of one kind of call site. All (S, ..., P)."""
+
+    c: jax.Array  # ||dL/dW_p|| per token: sqrt(||dW1_p||^2 + ||dW2_p||^2)
+    c_w1: jax.Array
+    c_w2: jax.Array
+    o: jax.Array  # importance
+    goodness: jax.Array
+
+
+def silu_grad(h: jax.Array) -> jax.Array:
+    s = jax.nn.sigmoid(h)
+    return s * (1.0 + h * (1.0 - s))
+
+
+def _norm(x: jax.Array, axis: int = -1) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axis))
+
+
+def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[jax.Array, ...],
+                importance: str) -> tuple[SiteStats, ...]:
+    """Per-token C, O and G for sites that share expert inputs u (the q, k, v of one step).
+
+    u (..., Din); each z (..., P); each g (..., Dout). The pre-activations are computed once and
+    shared by all sites, mirroring the forward.
+    """
+    h = experts.bank_hidden(bank, u)  # (..., P, F)
+    a, da = jax.nn.silu(h), silu_grad(h)
+    a_norm, u_norm = _norm(a), _norm(u)[..., None]
+    out = []
+    for z, g in zip(zs, gs, strict=True):  # over call sites sharing u, never over experts
+        gw = jnp.einsum("...o,pfo->...pf", g, bank["w2"])
+        c_w2 = z * _norm(g)[..., None] * a_norm
+        c_w1 = z * _norm(gw * da) * u_norm
+        c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
+        if importance == "attribution":
+            o = jnp.abs(z * jnp.sum(gw * a, axis=-1))  # |<g, z_p E_p(u)>|
+        elif importance == "output_grad":
+            o = jnp.broadcast_to(jnp.max(jnp.abs(g), axis=-1)[..., None], z.shape)
+        else:
+            raise ValueError(f"unknown importance {importance!r}")
+        out.append(SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c)))
+    return tuple(out)
+
+
+def goodness(o: jax.Array, z: jax.Array, c: jax.Array) -> jax.Array:
+    """Seed 000: ``mas(O) * (mas(z) - mas(C))`` over the last (expert) axis."""
+    return mas(o) * (mas(z) - mas(c))
+
+
+def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
+                   importance: str = "attribution") -> dict[str, SiteStats]:
+    """SiteStats for 'q', 'k', 'v' (S,B,T,H,P) and 'ffn' (S,B,T,E), mapped over steps.
+
+    ``lax.map`` over refinement steps keeps peak memory at one step's pre-activations.
+    """
+    block = params["block"]
+
+    def attn_step(xs):
+        u, zq, zk, zv, gq, gk, gv = xs
+        return token_stats(block["attn"]["library"], u, (zq, zk, zv), (gq, gk, gv), importance)
+
+    q, k, v = jax.lax.map(attn_step, (aux["u_attn"], aux["z_q"], aux["z_k"], aux["z_v"],
+                                      g_probes["q"], g_probes["k"], g_probes["v"]))
+    stats = {"q": q, "k": k, "v": v}
+    if cfg.use_ffn:
+        def ffn_step(xs):
+            u, z, g = xs
+            return token_stats(block["ffn"]["bank"], u, (z,), (g,), importance)[0]
+
+        stats["ffn"] = jax.lax.map(ffn_step, (aux["u_ffn"], aux["z_ffn"], g_probes["ffn"]))
+    return stats
+
+
+def site_expert_grads(bank: dict, u: jax.Array, z: jax.Array, g: jax.Array) -> dict:
+    """Exact gradient of one call site w.r.t. each expert, summed over its tokens.
+
+    u (N, Din), z (N, P), g (N, Dout) with N = all token positions of the site (flatten first).
+    Returns {'w1': (P, Din, F), 'w2': (P, F, Dout)}, the same layout as the bank.
+    """
+    h = experts.bank_hidden(bank, u)
+    a = jax.nn.silu(h)
+    gw = jnp.einsum("no,pfo->npf", g, bank["w2"])
+    dh = z[..., None] * gw * silu_grad(h)
+    return {"w1": jnp.einsum("nd,npf->pdf", u, dh), "w2": jnp.einsum("np,npf,no->pfo", z, a, g)}
+
+
+def expert_grad_norms(bank_grad: dict) -> jax.Array:
+    """Per-expert norm of a bank-shaped gradient {'w1': (P,...), 'w2': (P,...)} -> (P,)."""
+    sq = sum(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1) for x in bank_grad.values())
+    return jnp.sqrt(sq)
+
+
+def site_inputs(aux: dict, g_probes: dict, site: str, step: int):
+    """(u, z, g) of one call site at one step, flattened to (N, .) rows for ``site_expert_grads``."""
+    if site == "ffn":
+        u, z, g = aux["u_ffn"][step], aux["z_ffn"][step], g_probes["ffn"][step]
+    else:
+        u, z, g = aux["u_attn"][step], aux[f"z_{site}"][step], g_probes[site][step]
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    return flat(u), flat(z), flat(g)

@@ -1,0 +1,205 @@
+"""TrainState and the pure ``train_step(state, batch) -> (state, metrics)``.
+
+One step = one forward with zero probes on every expert call site, one backward (``jax.vjp``)
+giving the main gradient and every site's output cotangent, the closed-form SARS statistics, the
+meta loss on the routing parameters, and one partitioned optax update (main chain on ``main``,
+meta chain on ``meta``). A non-finite loss or gradient skips the update and is counted.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tinyonn_jax import loss as task_loss
+from tinyonn_jax.config import Config
+from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.params import MAIN, META, param_labels
+from tinyonn_jax.sars import losses as meta_losses
+from tinyonn_jax.sars import surprise
+
+Batch = dict  # inputs, targets, weights, segment_ids, positions: all (B, T)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar
+    params: dict
+    opt_state: optax.OptState
+    skipped: jax.Array  # int32 scalar: updates skipped because of a non-finite loss/gradient
+
+
+def init_state(cfg: Config, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    params = tr.init_params(key, cfg.model)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                      skipped=jnp.int32(0))
+
+
+def _stop_group(params: dict, labels: dict, group: str) -> dict:
+    return jax.tree.map(lambda x, lab: jax.lax.stop_gradient(x) if lab == group else x,
+                        params, labels)
+
+
+def main_objective(params: dict, probes: dict | None, batch: Batch, cfg: Config):
+    """CE on the final step + w_act * ACT loss. Returns (loss, (logits, aux, parts))."""
+    logits, aux = tr.forward(params, batch["inputs"], cfg.model, positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], probes=probes)
+    ce = task_loss.cross_entropy(logits, batch["targets"], batch["weights"])
+    act = task_loss.act_loss(aux["halt_logits"], aux["logits"], batch["targets"],
+                             batch["weights"])
+    return ce + cfg.sars.w_act * act, (logits, aux, {"ce": ce, "act": act})
+
+
+def compute_gradients(params: dict, batch: Batch, cfg: Config):
+    """Main and meta gradients (each a full params-shaped tree) plus everything to log.
+
+    With ``sars.isolate`` the main loss reaches only ``main`` params and the meta loss only
+    ``meta`` params; otherwise the main loss also trains routing params (the original DynTRM).
+    """
+    labels = param_labels(params)
+
+    def isolate_main(p):  # stop_gradient inside the differentiated function
+        return _stop_group(p, labels, META) if cfg.sars.isolate else p
+
+    b, t = batch["inputs"].shape
+    if not cfg.sars.enabled:
+        (loss, (logits, aux, parts)), g_main = jax.value_and_grad(
+            lambda p: main_objective(isolate_main(p), None, batch, cfg), has_aux=True)(params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return loss, g_main, zeros, logits, aux, parts, None, jnp.float32(0.0)
+
+    probes = tr.zero_probes(cfg.model, b, t)
+    loss, vjp, (logits, aux, parts) = jax.vjp(
+        lambda p, pr: main_objective(isolate_main(p), pr, batch, cfg), params, probes,
+        has_aux=True)
+    g_main, g_probes = vjp(jnp.ones_like(loss))
+    stats = surprise.all_site_stats(params, aux, g_probes, cfg.model, cfg.sars.importance)
+    valid = (batch["segment_ids"] > 0).astype(jnp.float32)
+
+    def meta_objective(p):
+        p = _stop_group(p, labels, MAIN)
+        return meta_losses.meta_loss(p, aux, stats, valid, cfg.model, cfg.sars.meta_loss)
+
+    meta_loss, g_meta = jax.value_and_grad(meta_objective)(params)
+    g_meta = jax.tree.map(lambda g: cfg.sars.w_meta * g, g_meta)
+    return loss, g_main, g_meta, logits, aux, parts, stats, meta_loss
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.tree.norm(tree)
+
+
+def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
+    w = jnp.broadcast_to(w, x.shape)
+    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def step_metrics(cfg: Config, batch: Batch, logits, aux, parts, stats, meta_loss, loss,
+                 g_main, g_meta) -> dict:
+    """Flat dict of scalars (and per-expert usage vectors under 'experts/')."""
+    w = batch["weights"]
+    valid = (batch["segment_ids"] > 0).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, -1)
+    tau = _masked_mean(-jnp.sum(probs * jnp.log(probs + 1e-30), -1), w)
+    m = {
+        "train/loss": loss, "train/main_loss": parts["ce"], "train/act_loss": parts["act"],
+        "train/token_acc": _masked_mean(task_loss.token_correct(logits, batch["targets"]), w),
+        "train/exact_acc": jnp.mean(task_loss.row_exact(logits, batch["targets"], w)),
+        "train/tau": tau, "train/meta_loss": meta_loss,
+        "train/grad_norm_main": _global_norm(g_main), "train/grad_norm_meta": _global_norm(g_meta),
+        "train/tokens": jnp.sum(valid),
+    }
+    q = aux["halt_logits"]
+    halt = jax.nn.sigmoid(q[..., 0] - q[..., 1]) > cfg.model.halt_threshold  # (S,B)
+    s = halt.shape[0]
+    first = jnp.where(jnp.any(halt, 0), jnp.argmax(halt, 0) + 1, s)
+    m["act/halt_steps"] = jnp.mean(first.astype(jnp.float32))
+    sites = {"q": aux["k_q"], "k": aux["k_k"], "v": aux["k_v"]}
+    pools = {"q": cfg.model.num_attn_experts, "k": cfg.model.num_attn_experts,
+             "v": cfg.model.num_attn_experts}
+    if cfg.model.use_ffn:
+        sites["ffn"], pools["ffn"] = aux["k_ffn"], cfg.model.num_ffn_experts
+    for site, k in sites.items():
+        vw = valid.reshape(1, *valid.shape, *([1] * (k.ndim - 3)))
+        avg_k = _masked_mean(k.astype(jnp.float32), vw)
+        m[f"route/avg_k/{site}"] = avg_k
+        m[f"route/active_frac/{site}"] = avg_k / pools[site]
+    vt = valid.reshape(1, *valid.shape, 1, 1)
+    m["experts/usage_attn"] = jnp.mean(jnp.stack(
+        [jnp.sum((aux[f"z_{c}"] > 0) * vt, axis=(0, 1, 2, 3)) for c in "qkv"]), 0) / jnp.maximum(
+        jnp.sum(valid) * s * cfg.model.num_heads, 1.0)
+    if cfg.model.use_ffn:
+        m["experts/usage_ffn"] = jnp.sum((aux["z_ffn"] > 0) * valid[None, ..., None],
+                                         axis=(0, 1, 2)) / jnp.maximum(jnp.sum(valid) * s, 1.0)
+    if stats is not None:
+        cs, os_, pos, neg, act = [], [], [], [], []
+        for site, st in stats.items():
+            vw = valid.reshape(1, *valid.shape, *([1] * (st.c.ndim - 3)))
+            active = (aux[f"z_{site}"] > 0) * vw
+            cs.append(_masked_mean(st.c, active))
+            os_.append(_masked_mean(st.o, active))
+            pos.append(jnp.sum((st.goodness > 0) * active))
+            neg.append(jnp.sum((st.goodness < 0) * active))
+            act.append(jnp.sum(active))
+            m[f"sars/C_mean/{site}"] = cs[-1]
+        n_act = jnp.maximum(sum(act), 1.0)
+        m["sars/C_mean"] = jnp.mean(jnp.stack(cs))
+        m["sars/O_mean"] = jnp.mean(jnp.stack(os_))
+        m["sars/goodness_pos"] = sum(pos) / n_act
+        m["sars/goodness_neg"] = sum(neg) / n_act
+        m["sars/goodness_zero"] = 1.0 - (sum(pos) + sum(neg)) / n_act
+        surprise_s = m["sars/C_mean"]
+    else:
+        surprise_s = jnp.float32(0.0)
+    m["sars/surprise"] = surprise_s
+    sc = cfg.sars
+    m["sars/pi_score"] = jnp.exp(-sc.pi_alpha * ((1 - sc.pi_gamma) * parts["ce"] / (tau + 1e-9)
+                                                 + sc.pi_gamma * surprise_s))
+    return m
+
+
+def train_step(state: TrainState, batch: Batch, *, cfg: Config,
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """Pure: forward, both backward passes, both updates. Skips non-finite updates."""
+    loss, g_main, g_meta, logits, aux, parts, stats, meta_loss = compute_gradients(
+        state.params, batch, cfg)
+    grads = jax.tree.map(jnp.add, g_main, g_meta)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(meta_loss) & jnp.isfinite(_global_norm(grads))
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + 1,
+        params=jax.tree.map(keep, new_params, state.params),
+        opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+    )
+    metrics = step_metrics(cfg, batch, logits, aux, parts, stats, meta_loss, loss, g_main,
+                           g_meta)
+    metrics["train/skipped"] = new_state.skipped
+    metrics["train/update_ok"] = ok.astype(jnp.float32)
+    return new_state, metrics
+
+
+def make_train_step(cfg: Config, optimizer: optax.GradientTransformation, *,
+                    in_shardings=None, out_shardings=None, donate: bool = True):
+    """``jax.jit`` of ``train_step`` with the state donated (and shardings when given)."""
+    fn = lambda state, batch: train_step(state, batch, cfg=cfg, optimizer=optimizer)  # noqa: E731
+    kwargs = {}
+    if in_shardings is not None:
+        kwargs.update(in_shardings=in_shardings, out_shardings=out_shardings)
+    return jax.jit(fn, donate_argnums=(0,) if donate else (), **kwargs)
+
+
+def eval_step(params: dict, batch: Batch, cfg: Config) -> dict:
+    """Loss and accuracies without any update (teacher forcing)."""
+    logits, _ = tr.forward(params, batch["inputs"], cfg.model, positions=batch["positions"],
+                           segment_ids=batch["segment_ids"])
+    w = batch["weights"]
+    return {
+        "eval/main_loss": task_loss.cross_entropy(logits, batch["targets"], w),
+        "eval/token_acc": _masked_mean(task_loss.token_correct(logits, batch["targets"]), w),
+        "eval/exact_acc": jnp.mean(task_loss.row_exact(logits, batch["targets"], w)),
+    }
