@@ -184,6 +184,20 @@ class Checkpointer:
         )
         return restored[_STATE], dict(restored[_DATA]), dict(restored[_CONFIG])
 
+    def restore_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config saved with ``step`` (default: the latest), without touching the state."""
+        manager = self._live()
+        if manager is None:
+            raise RuntimeError(f"Checkpointer for {self.directory} is disabled; cannot restore")
+        manager.wait_until_finished()
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(f"no finalized checkpoint for step {step} in "
+                                    f"{self.directory}")
+        restored = manager.restore(int(step),
+                                   args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
+        return dict(restored[_CONFIG])
+
     def wait_until_finished(self) -> None:
         """Block until a background save has been finalized (re-raises its error, if any)."""
         manager = self._live()

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+MODEL_FAMILIES = ("dyntrm",)
 ROUTING_MODES = ("capr", "topk", "dense")
 ROPE_MODES = ("none", "rope1d")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -50,6 +51,7 @@ def _choice(section: str, obj: Any, name: str, choices: tuple[str, ...]) -> None
 class ModelConfig:
     """Architecture of DynTRM with DynSIHA+ attention and DynMoE feed-forward experts."""
 
+    family: str = "dyntrm"  # which model family the training program builds
     vocab_size: int = 18
     hidden: int = 512
     num_heads: int = 8
@@ -77,6 +79,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = "model"
+        _choice(s, self, "family", MODEL_FAMILIES)
         _positive_int(s, self, "vocab_size", "hidden", "num_heads", "num_attn_experts",
                       "num_ffn_experts", "ffn_mult", "max_refinement_steps", "attn_top_k",
                       "ffn_top_k", "max_len")
@@ -181,7 +184,8 @@ class DataConfig:
     max_tasks: int = 0  # 0 = all
     augment: bool = True
     views_per_task: int = 4
-    curriculum_warmup: float = 0.1
+    curriculum_warmup: float = 0.1  # fraction of (easiest) tasks in the warm-up stage
+    curriculum_steps: int = 0  # train steps spent on the warm-up stage; 0 = no curriculum
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -191,6 +195,8 @@ class DataConfig:
                "must be 'train' or 'eval'")
         _check(isinstance(self.max_tasks, int) and self.max_tasks >= 0, s, "max_tasks",
                self.max_tasks, "must be an integer >= 0")
+        _check(isinstance(self.curriculum_steps, int) and self.curriculum_steps >= 0, s,
+               "curriculum_steps", self.curriculum_steps, "must be an integer >= 0")
         _check(0.0 <= self.curriculum_warmup <= 1.0, s, "curriculum_warmup",
                self.curriculum_warmup, "must be in [0, 1]")
 
@@ -205,7 +211,8 @@ class TrainConfig:
     plot_every: int = 50
     ckpt_every: int = 100
     keep_checkpoints: int = 3
-    eval_every: int = 0
+    eval_every: int = 0  # 0 = no periodic evaluation
+    eval_tasks: int = 8  # held-out tasks (the easiest of the other split) for evaluation
     mesh_data: int = -1  # -1 = all devices not used by the expert axis
     mesh_expert: int = 1
 
@@ -213,8 +220,9 @@ class TrainConfig:
         s = "train"
         _positive_int(s, self, "num_steps", "log_every", "plot_every", "ckpt_every",
                       "keep_checkpoints", "mesh_expert")
-        _check(isinstance(self.eval_every, int) and self.eval_every >= 0, s, "eval_every",
-               self.eval_every, "must be an integer >= 0")
+        for name in ("eval_every", "eval_tasks"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, s, name, v, "must be an integer >= 0")
         _check(self.mesh_data == -1 or self.mesh_data > 0, s, "mesh_data", self.mesh_data,
                "must be -1 (auto) or a positive integer")
 

@@ -1,0 +1,15 @@
+"""Full-size DynTRM (design defaults) on ARC-AGI-1 training tasks, for GPU/TPU pods."""
+
+from tinyonn_jax.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        model=ModelConfig(max_len=4096),
+        optim=OptimizerConfig(name="adamw", learning_rate=1e-3, clip_value=1.0,
+                              kwargs=(("weight_decay", 0.01),)),
+        data=DataConfig(source="arc1", split="train", max_len=4096, batch_size=8,
+                        min_bucket=256, views_per_task=4, curriculum_steps=20000),
+        train=TrainConfig(num_steps=200000, log_every=50, plot_every=1000, ckpt_every=2000,
+                          eval_every=2000, eval_tasks=32),
+    )

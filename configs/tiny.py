@@ -1,0 +1,20 @@
+"""The CPU demo: a small DynTRM on the easiest real ARC-AGI-1 training tasks (a few minutes)."""
+
+from tinyonn_jax.config import (Config, DataConfig, ModelConfig, OptimizerConfig, SarsConfig,
+                                TrainConfig)
+
+
+def get_config() -> Config:
+    return Config(
+        model=ModelConfig(hidden=64, num_heads=4, num_attn_experts=16, num_ffn_experts=8,
+                          ffn_mult=2, max_refinement_steps=4, rope="rope1d", max_len=512),
+        sars=SarsConfig(),
+        optim=OptimizerConfig(name="adamw", learning_rate=3e-3, clip_value=1.0,
+                              kwargs=(("weight_decay", 0.01),)),
+        meta_optim=OptimizerConfig(name="adamw", learning_rate=1e-3,
+                                   kwargs=(("weight_decay", 0.01),)),
+        data=DataConfig(source="arc1", split="train", max_len=512, batch_size=4, min_bucket=128,
+                        max_tasks=16, views_per_task=4),
+        train=TrainConfig(num_steps=150, log_every=5, plot_every=50, ckpt_every=50,
+                          eval_every=50, eval_tasks=4),
+    )
