@@ -1,0 +1,186 @@
+"""ARC evaluation: augmented views -> greedy generation -> map back -> vote -> pass@2.
+
+For every task and test pair, ``num_views`` views are drawn (the identity view first, always),
+each view's prompt is generated from greedily with the KV-cache decoder, the answer is decoded
+and mapped back to the original frame, and ``scoring.score_test`` votes over the views.
+
+Static shapes: prompts are grouped into power-of-two length buckets (at least ``min_bucket``,
+capped at the longest admissible prompt) and generated in batches of a power-of-two number of
+rows (at most ``batch_size``), so ``generate`` compiles at most
+``#buckets * (log2(batch_size) + 1)`` times whatever the number of tasks.
+
+A prompt longer than ``cfg.model.max_len - max_new_tokens`` is skipped and counted
+(``n_skipped`` of its test pair, ``n_views_skipped`` overall); a pair whose every view was
+skipped is scored as unsolved. A generation is malformed (``None``, casts no vote) when it does
+not decode to a grid or never emitted a stop token within the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+from tinyonn_jax.config import Config
+from tinyonn_jax.data import augment, tokenizer
+from tinyonn_jax.data.tasks import Task
+from tinyonn_jax.eval import scoring
+from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS, STOP_TOKENS, generate, left_pad
+
+
+@dataclass
+class EvalTestReport(scoring.TestReport):
+    """``scoring.TestReport`` plus the number of views skipped because the prompt was too long."""
+
+    __test__ = False
+
+    n_skipped: int = 0
+
+
+@dataclass
+class EvalAggregate(scoring.Aggregate):
+    """``scoring.Aggregate`` plus evaluation-wide counts of what could not be evaluated."""
+
+    n_views_skipped: int = 0  # views whose prompt exceeded the length limit
+    n_pairs_unscored: int = 0  # test pairs without a known answer (hidden test sets)
+    max_new_tokens: int = 0
+    prompt_limit: int = 0
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One generation: the view ``view_index`` of test pair ``pair``."""
+
+    pair: int
+    view_index: int
+    view: augment.View
+    prompt: np.ndarray
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def bucket_length(n: int, min_bucket: int, limit: int) -> int:
+    """Padded prompt length for a prompt of ``n <= limit`` tokens: a power of two, capped."""
+    return min(max(min_bucket, _next_pow2(n)), limit)
+
+
+def task_rng(seed: int, task_id: str) -> np.random.Generator:
+    """Per-task generator: a task's views do not depend on which other tasks are evaluated."""
+    return np.random.default_rng([seed, zlib.crc32(task_id.encode())])
+
+
+def _build_jobs(tasks: Sequence[Task], num_views: int, seed: int, limit: int):
+    """Views and prompts of every scorable test pair. Returns (pairs, jobs, skipped, unscored)."""
+    pairs: list[tuple[Task, int]] = []
+    jobs: list[_Job] = []
+    skipped: list[int] = []
+    unscored = 0
+    for task in tasks:
+        views = augment.sample_views(task, num_views, task_rng(seed, task.task_id),
+                                     include_identity=True)
+        applied = [v.apply(task) for v in views]
+        for ti, (_, truth) in enumerate(task.test):
+            if truth is None:
+                unscored += 1
+                continue
+            pairs.append((task, ti))
+            skipped.append(0)
+            for vi, (view, vtask) in enumerate(zip(views, applied, strict=True)):
+                prompt = tokenizer.serialize_prompt(vtask, ti)
+                if len(prompt) > limit:
+                    skipped[-1] += 1
+                else:
+                    jobs.append(_Job(len(pairs) - 1, vi, view, prompt))
+    return pairs, jobs, skipped, unscored
+
+
+def _prediction(tokens: np.ndarray, n: int, logprob: float,
+                view: augment.View) -> scoring.Prediction:
+    """Decode one row of generated tokens and map the grid back to the original frame."""
+    gen = tokens[:n]
+    if n == 0 or int(gen[-1]) not in STOP_TOKENS:  # ran out of budget: no committed answer
+        return None, logprob
+    decoded = tokenizer.decode_generation(gen)
+    return (view.invert_grid(decoded.grid) if decoded.ok else None), logprob
+
+
+def evaluate_tasks(
+    params: dict,
+    cfg: Config,
+    tasks: Sequence[Task],
+    *,
+    num_views: int = 8,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    min_bucket: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[EvalTestReport], EvalAggregate]:
+    """Evaluate ``tasks`` with augmentation voting and pass@2.
+
+    Args:
+      params: model parameters (``transformer.init_params`` layout).
+      cfg: the experiment config; ``cfg.model`` defines the model and ``max_len``.
+      tasks: tasks whose test outputs are known (pairs without an answer are counted, not run).
+      num_views: views per test pair, the identity view included (>= 1).
+      seed: seed of the view sampling (per task, independent of the task list).
+      batch_size: maximum rows per generation call.
+      max_new_tokens: generation budget, a constant (never the answer's size).
+      min_bucket: smallest prompt bucket length.
+      progress: called as ``progress(done, total)`` after every generation batch.
+
+    Returns:
+      One ``EvalTestReport`` per scorable test pair (task order, then test index) and the
+      ``EvalAggregate`` over them.
+    """
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1 (the identity view), got {num_views}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = cfg.model.max_len - max_new_tokens
+    if limit < 1:
+        raise ValueError(
+            f"model.max_len={cfg.model.max_len} leaves no room for a prompt next to "
+            f"max_new_tokens={max_new_tokens}"
+        )
+    pairs, jobs, skipped, unscored = _build_jobs(tasks, num_views, seed, limit)
+    preds: list[dict[int, scoring.Prediction]] = [{} for _ in pairs]
+
+    buckets: dict[int, list[_Job]] = {}
+    for job in jobs:
+        buckets.setdefault(bucket_length(len(job.prompt), min_bucket, limit), []).append(job)
+    done = 0
+    for length in sorted(buckets):
+        group = buckets[length]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            rows = min(batch_size, _next_pow2(len(chunk)))
+            # Filler rows repeat the first prompt; their outputs are dropped.
+            prompts = [j.prompt for j in chunk] + [chunk[0].prompt] * (rows - len(chunk))
+            tokens, lengths = left_pad(prompts, length)
+            out = generate(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg.model,
+                           max_new_tokens=max_new_tokens)
+            toks, ns, lps = (np.asarray(a) for a in out)
+            for r, job in enumerate(chunk):
+                preds[job.pair][job.view_index] = _prediction(toks[r], int(ns[r]),
+                                                              float(lps[r]), job.view)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(jobs))
+
+    reports = []
+    for p, (task, ti) in enumerate(pairs):
+        ordered = [preds[p][v] for v in sorted(preds[p])]  # view order: identity first
+        base = scoring.score_test(task.task_id, ti, ordered, task.test[ti][1])
+        reports.append(EvalTestReport(**dataclasses.asdict(base), n_skipped=skipped[p]))
+    agg = scoring.aggregate(reports)
+    summary = EvalAggregate(**dataclasses.asdict(agg), n_views_skipped=sum(skipped),
+                            n_pairs_unscored=unscored, max_new_tokens=max_new_tokens,
+                            prompt_limit=limit)
+    return reports, summary
