@@ -274,3 +274,26 @@ def test_non_finite_loss_skips_update():
     state, m = st.make_train_step(cfg, opt, donate=False)(state, batch)
     assert int(state.skipped) == 1 and float(m["train/update_ok"]) == 0.0
     chex.assert_trees_all_equal(before, jax.tree.map(np.asarray, state.params))
+
+
+def test_tiny_config_loss_falls_on_a_real_arc_task():
+    from pathlib import Path
+
+    from tinyonn_jax import trainer
+    from tinyonn_jax.data.batching import pack_sequences
+    from tinyonn_jax.data.tasks import load_tasks
+    from tinyonn_jax.data.tokenizer import serialize_task
+
+    cfg = trainer.load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    task = next(t for t in load_tasks("arc1", "train") if t.task_id == "d631b094")
+    batch = pack_sequences([serialize_task(task, 0)], 1, 128, 512)[0][0]
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
+    state = st.init_state(cfg, opt, jax.random.key(0))
+    step = st.make_train_step(cfg, opt)
+    losses = []
+    for _ in range(50):
+        state, m = step(state, batch)
+        losses.append(float(m["train/main_loss"]))
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
