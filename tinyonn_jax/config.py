@@ -19,8 +19,10 @@ ROPE_MODES = ("none", "rope1d")
 REMAT_POLICIES = ("none", "full", "save_dots")
 IMPORTANCE_MODES = ("attribution", "output_grad")
 META_LOSSES = ("entropy_plus", "entropy_minus", "entropy_plain", "dyntrm_original")
-DISPATCH_MODES = ("dense",)
+DISPATCH_MODES = ("dense", "sparse")
 DTYPES = ("float32", "bfloat16")
+ATTN_KINDS = ("dynsiha", "mha")  # mha: the dense baseline of model/dense.py
+FFN_KINDS = ("dynmoe", "swiglu")  # swiglu: the dense baseline of model/dense.py
 
 
 def _check(cond: bool, section: str, name: str, value: Any, why: str) -> None:
@@ -72,10 +74,15 @@ class ModelConfig:
     init_std: float = 0.02
     remat: str = "none"  # rematerialisation policy of the scan body
     halt_threshold: float = 0.5  # inference early exit when sigmoid(q_halt - q_continue) > this
-    dispatch: str = "dense"
-    capacity_factor: float = 2.0
+    attn_dispatch: str = "dense"  # dense: every expert on every token; sparse: grouped by expert
+    ffn_dispatch: str = "dense"
+    capacity_frac: float = 0.25  # sparse dispatch: an expert takes at most this share of tokens
     compute_dtype: str = "float32"
     max_len: int = 4096
+    # Dense baselines (issue 10): the same recursion with unrouted sublayers.
+    attn_kind: str = "dynsiha"  # dynsiha | mha (q, k, v, o projections (D, D))
+    ffn_kind: str = "dynmoe"  # dynmoe | swiglu (one dense SwiGLU FFN)
+    swiglu_hidden: int = 0  # SwiGLU width; 0 = 2/3 of ffn_hidden (one expert's parameters)
 
     def __post_init__(self) -> None:
         s = "model"
@@ -105,10 +112,16 @@ class ModelConfig:
         _choice(s, self, "remat", REMAT_POLICIES)
         _check(0.0 <= self.halt_threshold, s, "halt_threshold", self.halt_threshold,
                "must be >= 0 (values > 1 disable early exit)")
-        _choice(s, self, "dispatch", DISPATCH_MODES)
-        _check(self.capacity_factor > 0, s, "capacity_factor", self.capacity_factor,
-               "must be > 0")
+        _choice(s, self, "attn_dispatch", DISPATCH_MODES)
+        _choice(s, self, "ffn_dispatch", DISPATCH_MODES)
+        _check(0.0 < self.capacity_frac <= 1.0, s, "capacity_frac", self.capacity_frac,
+               "must be in (0, 1]")
         _choice(s, self, "compute_dtype", DTYPES)
+        _choice(s, self, "attn_kind", ATTN_KINDS)
+        _choice(s, self, "ffn_kind", FFN_KINDS)
+        _check(isinstance(self.swiglu_hidden, int) and not isinstance(self.swiglu_hidden, bool)
+               and self.swiglu_hidden >= 0, s, "swiglu_hidden", self.swiglu_hidden,
+               "must be an integer >= 0 (0 = auto)")
 
     @property
     def head_dim(self) -> int:
@@ -121,6 +134,11 @@ class ModelConfig:
     @property
     def ffn_hidden(self) -> int:
         return self.ffn_mult * self.hidden
+
+    @property
+    def swiglu_width(self) -> int:
+        """SwiGLU hidden width: 3 matrices of 2/3 width hold one 2-matrix expert's weights."""
+        return self.swiglu_hidden or max(1, (2 * self.ffn_hidden) // 3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +233,9 @@ class TrainConfig:
     eval_tasks: int = 8  # held-out tasks (the easiest of the other split) for evaluation
     mesh_data: int = -1  # -1 = all devices not used by the expert axis
     mesh_expert: int = 1
+    # TRM-style options (issue 10), off by default.
+    deep_supervision: tuple[float, ...] = ()  # CE weight per refinement step; () = final only
+    ema_decay: float = 0.0  # EMA of the parameters, used for evaluation; 0 = off
 
     def __post_init__(self) -> None:
         s = "train"
@@ -225,6 +246,16 @@ class TrainConfig:
             _check(isinstance(v, int) and v >= 0, s, name, v, "must be an integer >= 0")
         _check(self.mesh_data == -1 or self.mesh_data > 0, s, "mesh_data", self.mesh_data,
                "must be -1 (auto) or a positive integer")
+        if isinstance(self.deep_supervision, list):  # JSON / --set give lists, store hashably
+            object.__setattr__(self, "deep_supervision", tuple(self.deep_supervision))
+        ds = self.deep_supervision
+        _check(isinstance(ds, tuple) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+            for w in ds) and (not ds or sum(ds) > 0), s, "deep_supervision", ds,
+            "must be () or a tuple of finite weights >= 0 with a positive sum, one per "
+            "refinement step")
+        _check(isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0, s,
+               "ema_decay", self.ema_decay, "must be in [0, 1) (0 = no EMA)")
 
 
 @dataclass(frozen=True, kw_only=True)

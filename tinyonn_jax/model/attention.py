@@ -75,12 +75,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def compose_qkv(params: dict, u: jax.Array, z: dict[str, jax.Array],
-                probes: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
-    """q, k, v (B,T,H,Dh) = sum_p z_c,p E_p(u) (+ zero probe), the library evaluated once."""
-    y = experts.bank_outputs(params["library"], u)  # (B,T,H,P,Dh)
+                probes: dict[str, jax.Array] | None, dispatch: str = "dense",
+                capacity_frac: float = 1.0) -> dict[str, jax.Array]:
+    """q, k, v (B,T,H,Dh) = sum_p z_c,p E_p(u) (+ zero probe).
+
+    Dense: the library is evaluated once and weighted three times. Sparse: each of q, k, v
+    dispatches only its active (token, head, expert) triples.
+    """
+    y = experts.bank_outputs(params["library"], u) if dispatch == "dense" else None
     out = {}
-    for c in QKV:  # three weightings of one tensor, not a loop over experts or heads
-        a = experts.combine(z[c], y)
+    for c in QKV:  # three weightings of one library, not a loop over experts or heads
+        if y is None:
+            a = experts.apply_sparse(params["library"], u, z[c], capacity_frac)
+        else:
+            a = experts.combine(z[c], y)
         out[c] = a if probes is None else a + probes[c].astype(a.dtype)
     return out
 
@@ -89,7 +97,7 @@ def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],
                    probes: dict[str, jax.Array] | None, positions: jax.Array,
                    segment_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Everything after routing: compose q/k/v, RoPE, causal attention, o_proj -> (B,T,D)."""
-    qkv = compose_qkv(params, u, z, probes)
+    qkv = compose_qkv(params, u, z, probes, cfg.attn_dispatch, cfg.capacity_frac)
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)

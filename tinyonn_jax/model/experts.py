@@ -7,6 +7,8 @@ narrow experts, the fastest layout on accelerators.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -38,3 +40,76 @@ def combine(z: jax.Array, y: jax.Array) -> jax.Array:
 def apply_dense(bank: dict, u: jax.Array, z: jax.Array) -> jax.Array:
     """``sum_p z_p E_p(u)``: u (..., Din), z (..., P) -> (..., Dout)."""
     return combine(z, bank_outputs(bank, u))
+
+
+# --- sparse dispatch -------------------------------------------------------------------------
+# Group (token, expert) pairs by expert into a fixed number of slots per expert, run one batched
+# matmul over (P, C) slots, and scatter-add the weighted results back. Work is proportional to
+# P * C instead of P * N; pairs beyond an expert's capacity are dropped and counted.
+
+
+def capacity(n_rows: int, frac: float) -> int:
+    """Slots per expert for ``n_rows`` routed rows: ``ceil(frac * n_rows)``, at least 1."""
+    return max(1, min(n_rows, math.ceil(frac * n_rows)))
+
+
+def dispatch_indices(mask: jax.Array, cap: int) -> jax.Array:
+    """Row index held by each expert slot: mask (N, P) -> idx (P, C); empty slots hold N.
+
+    Rows keep their order inside an expert's queue, so the first ``cap`` active rows win.
+    """
+    n, p = mask.shape
+    pos = jnp.cumsum(mask, axis=0, dtype=jnp.int32) - 1  # queue position of each active pair
+    keep = mask & (pos < cap)
+    target = jnp.where(keep, jnp.arange(p, dtype=jnp.int32) * cap + pos, p * cap)
+    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, p))
+    idx = jnp.full((p * cap,), n, jnp.int32).at[target.reshape(-1)].set(
+        rows.reshape(-1), mode="drop")
+    return idx.reshape(p, cap)
+
+
+def overflow_count(mask: jax.Array, cap: int) -> jax.Array:
+    """Active (row, expert) pairs that do not fit: sum_p max(count_p - cap, 0). mask (..., P)."""
+    counts = jnp.sum(mask.reshape(-1, mask.shape[-1]), axis=0, dtype=jnp.int32)
+    return jnp.sum(jnp.maximum(counts - cap, 0))
+
+
+def gather_slots(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x (N, D) -> (P, C, D); empty slots read a zero row."""
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[idx]
+
+
+def slot_weights(z: jax.Array, idx: jax.Array) -> jax.Array:
+    """z (N, P) -> the weight of each slot's (row, expert) pair, (P, C); 0 on empty slots."""
+    zp = jnp.concatenate([z, jnp.zeros((1, z.shape[-1]), z.dtype)])
+    return jnp.take_along_axis(zp.T, idx, axis=1)
+
+
+def scatter_rows(vals: jax.Array, idx: jax.Array, n: int) -> jax.Array:
+    """Sum slot values (P, C, D) back into rows (N, D); empty slots land in a dropped row."""
+    out = jnp.zeros((n + 1, vals.shape[-1]), vals.dtype)
+    return out.at[idx.reshape(-1)].add(vals.reshape(-1, vals.shape[-1]))[:n]
+
+
+def apply_sparse(bank: dict, u: jax.Array, z: jax.Array, frac: float) -> jax.Array:
+    """``sum_p z_p E_p(u)`` over the active pairs only: u (..., Din), z (..., P) -> (..., Dout).
+
+    The active set is ``z > 0`` (the routing contract); equals ``apply_dense`` when no expert
+    receives more than ``capacity(N, frac)`` rows.
+    """
+    lead = u.shape[:-1]
+    u2, z2 = u.reshape(-1, u.shape[-1]), z.reshape(-1, z.shape[-1])
+    n = u2.shape[0]
+    idx = dispatch_indices(jax.lax.stop_gradient(z2) > 0, capacity(n, frac))
+    xe = gather_slots(u2, idx)  # (P, C, Din)
+    h = jnp.einsum("pcd,pdf->pcf", xe, bank["w1"].astype(u.dtype))
+    y = jnp.einsum("pcf,pfo->pco", jax.nn.silu(h), bank["w2"].astype(u.dtype))
+    out = scatter_rows(slot_weights(z2, idx).astype(y.dtype)[..., None] * y, idx, n)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def apply(bank: dict, u: jax.Array, z: jax.Array, dispatch: str, frac: float) -> jax.Array:
+    """Dense or sparse composition, as configured."""
+    if dispatch == "sparse":
+        return apply_sparse(bank, u, z, frac)
+    return apply_dense(bank, u, z)

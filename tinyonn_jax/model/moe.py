@@ -26,7 +26,8 @@ def route_moe(params: dict, u: jax.Array, cfg: ModelConfig) -> Route:
     return route(u, params["proto"], params["gate"], cfg.ffn_routing, cfg.ffn_top_k)
 
 
-def moe_core(params: dict, u: jax.Array, z: jax.Array, probe: jax.Array | None) -> jax.Array:
+def moe_core(params: dict, u: jax.Array, z: jax.Array, probe: jax.Array | None,
+             dispatch: str = "dense", capacity_frac: float = 1.0) -> jax.Array:
     """``sum_e z_e E_e(u)`` (+ zero probe): u (B,T,D), z (B,T,E) -> (B,T,D)."""
-    a = experts.apply_dense(params["bank"], u, z)
+    a = experts.apply(params["bank"], u, z, dispatch, capacity_frac)
     return a if probe is None else a + probe.astype(a.dtype)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import attention, moe
+from tinyonn_jax.model import attention, dense, experts, moe
 from tinyonn_jax.model.norm import init_layer_norm, layer_norm
 
 
@@ -47,10 +47,12 @@ def make_context(tokens: jax.Array, positions: jax.Array | None = None,
 
 def init_block(key: jax.Array, cfg: ModelConfig) -> dict:
     k_attn, k_ffn = jax.random.split(key)
-    params = {"ln1": init_layer_norm(cfg.hidden), "attn": attention.init_attention(k_attn, cfg)}
+    init_attn = dense.init_mha if cfg.attn_kind == "mha" else attention.init_attention
+    params = {"ln1": init_layer_norm(cfg.hidden), "attn": init_attn(k_attn, cfg)}
     if cfg.use_ffn:
         params["ln2"] = init_layer_norm(cfg.hidden)
-        params["ffn"] = moe.init_moe(k_ffn, cfg)
+        params["ffn"] = (dense.init_swiglu if cfg.ffn_kind == "swiglu" else moe.init_moe)(k_ffn,
+                                                                                         cfg)
     return params
 
 
@@ -80,21 +82,36 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
                cfg: ModelConfig) -> tuple[jax.Array, dict]:
     """One refinement step. x (B,T,D) -> (x, residuals of every expert call site)."""
     dt = x.dtype
-    u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
-    routes = attention.route_attention(block["attn"], u, cfg)
-    z = {c: r.z for c, r in routes.items()}
-    attn_probes = None if probes is None else {c: probes[c] for c in attention.QKV}
-    core = remat(functools.partial(attention.attention_core, cfg=cfg), cfg.remat)
-    x = x + core(block["attn"], u, z, attn_probes, ctx.positions, ctx.segment_ids).astype(dt)
-    res = {"u_attn": u}
-    for c, r in routes.items():
-        res[f"z_{c}"], res[f"k_{c}"] = r.z, r.k
-    if cfg.use_ffn:
+    # Dense baselines (model/dense.py) have no call site: no u/z/k residuals, no probes.
+    policy = functools.partial(remat, policy=cfg.remat)
+    res = {}
+    if cfg.attn_kind == "mha":
+        x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg, policy)
+    else:
+        u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
+        routes = attention.route_attention(block["attn"], u, cfg)
+        z = {c: r.z for c, r in routes.items()}
+        attn_probes = None if probes is None else {c: probes[c] for c in attention.QKV}
+        core = remat(functools.partial(attention.attention_core, cfg=cfg), cfg.remat)
+        x = x + core(block["attn"], u, z, attn_probes, ctx.positions, ctx.segment_ids).astype(dt)
+        res = {"u_attn": u}
+        cap = experts.capacity(u.size // u.shape[-1], cfg.capacity_frac)
+        for c, r in routes.items():
+            res[f"z_{c}"], res[f"k_{c}"] = r.z, r.k
+            if cfg.attn_dispatch == "sparse":
+                res[f"overflow_{c}"] = experts.overflow_count(r.z > 0, cap)
+    if cfg.use_ffn and cfg.ffn_kind == "swiglu":
+        x = dense.swiglu_sublayer(block, x, cfg, policy)
+    elif cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
         rf = moe.route_moe(block["ffn"], uf, cfg)
-        ffn = remat(moe.moe_core, cfg.remat)
+        ffn = remat(functools.partial(moe.moe_core, dispatch=cfg.ffn_dispatch,
+                                      capacity_frac=cfg.capacity_frac), cfg.remat)
         x = x + ffn(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"]).astype(dt)
         res.update(u_ffn=uf, z_ffn=rf.z, k_ffn=rf.k)
+        if cfg.ffn_dispatch == "sparse":
+            cap_f = experts.capacity(uf.size // uf.shape[-1], cfg.capacity_frac)
+            res["overflow_ffn"] = experts.overflow_count(rf.z > 0, cap_f)
     return x, res
 
 

@@ -71,6 +71,42 @@ def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[j
     return tuple(out)
 
 
+def token_stats_sparse(bank: dict, u: jax.Array, z: jax.Array, g: jax.Array, frac: float,
+                       importance: str) -> SiteStats:
+    """``token_stats`` for one site on its active (row, expert) pairs only (sparse dispatch).
+
+    Uses the forward's dispatch (same capacity, same order), so the quantities are exact for
+    every pair the forward computed and zero for dropped and inactive pairs, like z.
+    """
+    lead, p = z.shape[:-1], z.shape[-1]
+    u2, z2, g2 = (x.reshape(-1, x.shape[-1]) for x in (u, z, g))
+    n = u2.shape[0]
+    idx = experts.dispatch_indices(z2 > 0, experts.capacity(n, frac))  # (P, C)
+    ue, ge, ze = experts.gather_slots(u2, idx), experts.gather_slots(g2, idx), \
+        experts.slot_weights(z2, idx)
+    h = jnp.einsum("pcd,pdf->pcf", ue, bank["w1"])
+    a, da = jax.nn.silu(h), silu_grad(h)
+    gw = jnp.einsum("pco,pfo->pcf", ge, bank["w2"])
+    c_w2 = ze * _norm(ge) * _norm(a)
+    c_w1 = ze * _norm(gw * da) * _norm(ue)
+    if importance == "attribution":
+        o = jnp.abs(ze * jnp.sum(gw * a, axis=-1))
+    elif importance == "output_grad":
+        o = jnp.broadcast_to(jnp.max(jnp.abs(ge), axis=-1), ze.shape)
+    else:
+        raise ValueError(f"unknown importance {importance!r}")
+    cols = jnp.broadcast_to(jnp.arange(p)[:, None], idx.shape)
+
+    def to_rows(v):  # (P, C) slot values -> (N, P); empty slots write into a dropped row
+        return jnp.zeros((n + 1, p), v.dtype).at[idx, cols].set(v)[:n].reshape(*lead, p)
+
+    c_w1, c_w2 = to_rows(c_w1), to_rows(c_w2)
+    c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
+    o = to_rows(o) if importance == "attribution" else jnp.broadcast_to(
+        jnp.max(jnp.abs(g), axis=-1)[..., None], z.shape)
+    return SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c))
+
+
 def goodness(o: jax.Array, z: jax.Array, c: jax.Array) -> jax.Array:
     """Seed 000: ``mas(O) * (mas(z) - mas(C))`` over the last (expert) axis."""
     return mas(o) * (mas(z) - mas(c))
@@ -86,7 +122,11 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
 
     def attn_step(xs):
         u, zq, zk, zv, gq, gk, gv = xs
-        return token_stats(block["attn"]["library"], u, (zq, zk, zv), (gq, gk, gv), importance)
+        lib = block["attn"]["library"]
+        if cfg.attn_dispatch == "sparse":
+            return tuple(token_stats_sparse(lib, u, z, g, cfg.capacity_frac, importance)
+                         for z, g in ((zq, gq), (zk, gk), (zv, gv)))
+        return token_stats(lib, u, (zq, zk, zv), (gq, gk, gv), importance)
 
     q, k, v = jax.lax.map(attn_step, (aux["u_attn"], aux["z_q"], aux["z_k"], aux["z_v"],
                                       g_probes["q"], g_probes["k"], g_probes["v"]))
@@ -94,6 +134,9 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
     if cfg.use_ffn:
         def ffn_step(xs):
             u, z, g = xs
+            if cfg.ffn_dispatch == "sparse":
+                return token_stats_sparse(block["ffn"]["bank"], u, z, g, cfg.capacity_frac,
+                                          importance)
             return token_stats(block["ffn"]["bank"], u, (z,), (g,), importance)[0]
 
         stats["ffn"] = jax.lax.map(ffn_step, (aux["u_ffn"], aux["z_ffn"], g_probes["ffn"]))

@@ -1,0 +1,97 @@
+"""Sparse dispatch equals dense when nothing overflows (issue 8): forward, grads, SARS."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_model_config
+
+from tinyonn_jax import loss as task_loss
+from tinyonn_jax.model import experts
+from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.sars import surprise
+
+B, T = 2, 6
+
+
+def test_dispatch_indices_fill_queues_in_order():
+    mask = jnp.array([[1, 0], [1, 1], [0, 1], [1, 1]], bool)
+    idx = experts.dispatch_indices(mask, 2)
+    np.testing.assert_array_equal(idx, [[0, 1], [1, 2]])  # both experts drop row 3
+    assert int(experts.overflow_count(mask, 2)) == 2
+    idx3 = experts.dispatch_indices(mask, 3)
+    np.testing.assert_array_equal(idx3, [[0, 1, 3], [1, 2, 3]])
+    np.testing.assert_array_equal(experts.dispatch_indices(mask, 4)[0], [0, 1, 3, 4])  # 4 = empty
+
+
+def test_sparse_bank_equals_dense_and_drops_overflow():
+    bank = experts.init_bank(jax.random.key(0), 5, 4, 6, 3)
+    u = jax.random.normal(jax.random.key(1), (3, 7, 4))
+    z = jax.nn.relu(jax.random.normal(jax.random.key(2), (3, 7, 5)))
+    dense = experts.apply_dense(bank, u, z)
+    np.testing.assert_allclose(experts.apply_sparse(bank, u, z, 1.0), dense, rtol=1e-5,
+                               atol=1e-6)
+    # With capacity 2 per expert, the result is dense composition over the kept pairs only.
+    z2 = z.reshape(-1, 5)
+    idx = experts.dispatch_indices(z2 > 0, 2)
+    kept = jnp.zeros_like(z2).at[idx, jnp.arange(5)[:, None]].set(1.0, mode="drop")
+    want = experts.apply_dense(bank, u, (z2 * kept).reshape(z.shape))
+    got = experts.apply_sparse(bank, u, z, 2 / 21)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _cfgs(**kw):
+    dense = tiny_model_config(**kw)
+    sparse = dataclasses.replace(dense, attn_dispatch="sparse", ffn_dispatch="sparse",
+                                 capacity_frac=1.0)
+    return dense, sparse
+
+
+@pytest.mark.parametrize("routing", ["capr", "topk"])
+def test_sparse_model_equals_dense_forward_grads_and_sars(routing):
+    dense, sparse = _cfgs(attn_routing=routing, ffn_routing=routing)
+    params = tr.init_params(jax.random.key(0), dense)
+    toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
+    inputs, targets, w = toks[:, :-1], toks[:, 1:], jnp.ones((B, T))
+
+    def run(cfg):
+        probes = tr.zero_probes(cfg, B, T)
+
+        def f(p, pr):
+            logits, aux = tr.forward(p, inputs, cfg, probes=pr)
+            return task_loss.cross_entropy(logits, targets, w), aux
+
+        (loss, aux), (gp, gpr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+            params, probes)
+        return loss, aux, gp, surprise.all_site_stats(params, aux, gpr, cfg)
+
+    ld, auxd, gd, sd = run(dense)
+    ls, auxs, gs, ss = run(sparse)
+    np.testing.assert_allclose(ld, ls, rtol=1e-5)
+    chex.assert_trees_all_close(gd, gs, rtol=1e-5, atol=1e-6)
+    for site in sd:
+        for name in ("c", "c_w1", "c_w2", "o"):
+            a, b = getattr(sd[site], name), getattr(ss[site], name)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(a).max()))
+        # Goodness lies in [-1, 1] but divides by per-token maxima that can be tiny, which
+        # magnifies float32 summation-order noise; compare it on its absolute scale.
+        np.testing.assert_allclose(sd[site].goodness, ss[site].goodness, atol=1e-5)
+    assert all(int(auxs[f"overflow_{s}"].sum()) == 0 for s in ("q", "k", "v", "ffn"))
+
+
+def test_overflow_is_counted():
+    _, sparse = _cfgs()
+    cfg = dataclasses.replace(sparse, capacity_frac=0.1)
+    params = tr.init_params(jax.random.key(0), cfg)
+    toks = jax.random.randint(jax.random.key(1), (B, T), 0, 18)
+    _, aux = tr.forward(params, toks, cfg)
+    for site in ("q", "ffn"):
+        z = aux[f"z_{site}"]
+        n = z[0].size // z.shape[-1]
+        want = [int(experts.overflow_count(z[s] > 0, experts.capacity(n, 0.1)))
+                for s in range(cfg.max_refinement_steps)]
+        np.testing.assert_array_equal(aux[f"overflow_{site}"], want)
+        assert sum(want) > 0
