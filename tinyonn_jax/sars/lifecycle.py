@@ -1,0 +1,194 @@
+"""Expert pool management (DynMoE seed 004, Tiny-ONN seed 003) as pure, jittable functions.
+
+Every gate owns a fixed pool of ``max_experts`` slots; ``PoolState.live`` masks the live ones.
+Each train step adds its routed-token counts to a ring buffer of the last ``lifecycle_window``
+steps and accumulates the normalised inputs of "homeless" tokens (no expert above threshold).
+Every ``lifecycle_period`` steps the host calls ``lifecycle_update``:
+
+  * dead = live experts with no routed token in the window (only if the window saw traffic);
+  * ``regenerate=False``: dead experts are removed (masked), upstream ``remove_experts``;
+    ``regenerate=True``: dead experts are re-initialised in place (weights, a random unit
+    prototype, threshold 0) and stay live (seed 003);
+  * add: if homeless tokens were seen and a slot is free, the first free slot (preferring slots
+    free before this maintenance over just-removed ones) becomes live with fresh weights,
+    prototype = normalised mean of those tokens' inputs, threshold 0;
+  * every changed expert gets its routing history cleared and its optimizer-state slices
+    (e.g. Adam mu and nu) reset to zero, so stale moments neither move a removed expert nor
+    kick a new one. Step counters shared by all parameters (Adam's bias correction) are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tinyonn_jax.model import gamoe
+from tinyonn_jax.model.smha import (
+    EXPERT_AXIS,
+    SITES,
+    MoeConfig,
+    init_layers,
+    init_live,
+    per_group,
+)
+
+EVENT_KINDS = ("remove", "add", "regenerate")
+
+
+class PoolState(NamedTuple):
+    """Live masks and routing records of every gate. G groups, E slots, W window, D hidden."""
+
+    live: dict  # site -> (G, E) bool
+    history: dict  # site -> (W, G, E) float32 routed-token counts of the last W steps
+    homeless_sum: dict  # site -> (G, D) sum of normalised inputs of homeless tokens
+    homeless_count: dict  # site -> (G,) number of homeless tokens since the last maintenance
+    cursor: jax.Array  # int32: steps recorded so far (ring position = cursor % W)
+    key: jax.Array  # PRNG key for re-initialisation
+
+
+class Event(NamedTuple):
+    """A lifecycle event, in the field order of ``observe.dashboards.LifecycleEvent``."""
+
+    step: int
+    kind: str  # remove | add | regenerate
+    expert_id: int
+    site: str  # "<attn|ffn>_<group>"
+
+
+def site_name(site: str, group: int) -> str:
+    """Name of one gate for logs and dashboards, e.g. ``ffn_0``."""
+    return f"{site}_{group}"
+
+
+def init_pool(cfg: MoeConfig, key: jax.Array) -> PoolState:
+    """Initial pool: the first ``init_experts`` slots live, empty records."""
+    g, e, w, d = cfg.groups, cfg.max_experts, cfg.lifecycle_window, cfg.hidden
+    return PoolState(
+        live=init_live(cfg),
+        history={s: jnp.zeros((w, g, e), jnp.float32) for s in SITES},
+        homeless_sum={s: jnp.zeros((g, d), jnp.float32) for s in SITES},
+        homeless_count={s: jnp.zeros((g,), jnp.float32) for s in SITES},
+        cursor=jnp.int32(0), key=key)
+
+
+def step_records(aux: dict, valid: jax.Array, cfg: MoeConfig) -> dict:
+    """Per site: routed counts (G,E), homeless input sum (G,D) and count (G,) of one step.
+
+    aux from ``smha.moe_forward``; valid (B,T) in {0, 1}.
+    """
+    v = valid.astype(jnp.float32)
+    out = {}
+    for s in SITES:
+        r = aux[s]
+        counts = jnp.sum(r["mask"] * v[None, ..., None], axis=(1, 2))
+        hv = r["homeless"] * v[None]
+        hsum = jnp.einsum("pbtd,pbt->pd", gamoe.normalize(r["u"].astype(jnp.float32)), hv)
+        out[s] = (per_group(counts, cfg), per_group(hsum, cfg),
+                  per_group(jnp.sum(hv, axis=(1, 2)), cfg))
+    return out
+
+
+def record(pool: PoolState, recs: dict) -> PoolState:
+    """Write one step's ``step_records`` into the window and the homeless accumulators."""
+    w = next(iter(pool.history.values())).shape[0]
+    slot = pool.cursor % w
+    return pool._replace(
+        history={s: pool.history[s].at[slot].set(recs[s][0]) for s in SITES},
+        homeless_sum={s: pool.homeless_sum[s] + recs[s][1] for s in SITES},
+        homeless_count={s: pool.homeless_count[s] + recs[s][2] for s in SITES},
+        cursor=pool.cursor + 1)
+
+
+def records(pool: PoolState) -> dict:
+    """Routed-token counts over the window: {site: (G, E)}."""
+    return {s: jnp.sum(h, axis=0) for s, h in pool.history.items()}
+
+
+def num_live(pool: PoolState) -> jax.Array:
+    """Total live experts over all gates."""
+    return sum(jnp.sum(m, dtype=jnp.int32) for m in pool.live.values())
+
+
+def plan(pool: PoolState, cfg: MoeConfig) -> dict:
+    """Which experts to remove, regenerate and add: {kind: {site: (G, E) bool}}."""
+    out = {k: {} for k in EVENT_KINDS}
+    rec = records(pool)
+    for s in SITES:
+        live = pool.live[s]
+        seen = jnp.any(live & (rec[s] > 0), axis=-1, keepdims=True)  # no traffic: no verdict
+        dead = live & (rec[s] <= 0) & seen
+        none = jnp.zeros_like(dead)
+        out["regenerate"][s] = dead if cfg.regenerate else none
+        out["remove"][s] = none if cfg.regenerate else dead
+        free = ~live | out["remove"][s]
+        # Prefer a slot that was already free, so a removal and an addition stay two experts.
+        rank = free.astype(jnp.int32) + (~live).astype(jnp.int32)
+        first = jax.nn.one_hot(jnp.argmax(rank, axis=-1), free.shape[-1], dtype=jnp.bool_)
+        out["add"][s] = first & free & (pool.homeless_count[s] > 0)[:, None]
+    return out
+
+
+def _expert_mask(m: jax.Array, axis: int, ndim: int) -> jax.Array:
+    """(G, E) -> broadcastable against a leaf whose expert axis is ``axis``."""
+    shape = [1] * ndim
+    shape[0], shape[axis] = m.shape
+    return m.reshape(shape)
+
+
+def map_expert_slices(tree, masks: dict, fn: Callable, names=tuple(EXPERT_AXIS)):
+    """Replace the expert slices selected by ``masks`` {site: (G,E)} in any tree that mirrors
+    the parameters (the params, their gradients, or optimizer moments inside an optax state).
+
+    A leaf is per-expert if its path ends in ``['layers'][site][name]`` with ``name`` in
+    ``names`` and its shape matches the layout; ``fn(site, name, leaf)`` gives the new values.
+    """
+
+    def f(path, leaf):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if len(keys) < 3 or keys[-3] != "layers" or keys[-2] not in masks or keys[-1] not in names:
+            return leaf
+        site, name = keys[-2], keys[-1]
+        m, ax = masks[site], EXPERT_AXIS[name]
+        if leaf.ndim <= ax or leaf.shape[0] != m.shape[0] or leaf.shape[ax] != m.shape[1]:
+            return leaf  # e.g. a factored optimizer statistic: not a per-expert slice
+        return jnp.where(_expert_mask(m, ax, leaf.ndim), fn(site, name, leaf), leaf)
+
+    return jax.tree_util.tree_map_with_path(f, tree)
+
+
+def lifecycle_update(params: dict, opt_state, pool: PoolState, cfg: MoeConfig):
+    """One maintenance: returns (params, opt_state, pool, plan). Pure and jittable."""
+    p = plan(pool, cfg)
+    key, k_init = jax.random.split(pool.key)
+    fresh = init_layers(k_init, cfg)
+    for s in SITES:  # added experts start at the mean direction of the tokens they serve
+        mean = gamoe.normalize(pool.homeless_sum[s])  # (G, D)
+        proto = fresh[s]["proto_sim"]
+        fresh[s]["proto_sim"] = jnp.where(p["add"][s][:, None, :], mean[:, :, None], proto)
+    reinit = {s: p["regenerate"][s] | p["add"][s] for s in SITES}
+    changed = {s: reinit[s] | p["remove"][s] for s in SITES}
+    layers = map_expert_slices({"layers": params["layers"]}, reinit,
+                               lambda s, n, leaf: fresh[s][n])["layers"]
+    params = {**params, "layers": layers}
+    opt_state = map_expert_slices(opt_state, changed, lambda s, n, leaf: jnp.zeros_like(leaf))
+    pool = pool._replace(
+        live={s: (pool.live[s] & ~p["remove"][s]) | p["add"][s] for s in SITES},
+        history={s: jnp.where(changed[s][None], 0.0, pool.history[s]) for s in SITES},
+        homeless_sum={s: jnp.zeros_like(v) for s, v in pool.homeless_sum.items()},
+        homeless_count={s: jnp.zeros_like(v) for s, v in pool.homeless_count.items()},
+        key=key)
+    return params, opt_state, pool, p
+
+
+def events_from(p: dict, step: int) -> list[Event]:
+    """Host side: the plan's masks as a list of events (remove before add before regenerate)."""
+    out = []
+    for kind in EVENT_KINDS:
+        for s in SITES:
+            for g, e in np.argwhere(np.asarray(p[kind][s])):
+                out.append(Event(int(step), kind, int(e), site_name(s, int(g))))
+    return out
