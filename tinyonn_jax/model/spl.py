@@ -1,0 +1,367 @@
+"""Seed 001: SparseProtoLinear (SPL), Prototype Residual Connection, MoIE and Dimension-DynSIHA.
+
+One SPL layer (in -> N) holds three decoupled states per output neuron j:
+  * ``mu_weight`` / ``mu_bias`` (the computation, group ``main``),
+  * ``proto_weight`` p_j (the perceiver / proposer, group ``meta``),
+  * ``gate_param`` g_j (the cost estimator / builder, group ``meta``).
+Routing (seed 001, "Proposer-Builder"): ``raw_j = relu(cos(x, p_j) - x . g_j)``, mask = 1[raw > 0]
+and ``out = act(x mu^T + b) * mask``. The mask is either hard (no gradient into raw) or a
+straight-through estimator (forward hard, backward identity into raw).
+
+Prototype Residual Connection (PRC): per module kind (q, k, v, o, ffn1, ffn2) an independent
+residual stream over the prototypes, ``P_eff^l = P^l + LN_l(P_eff^{l-1} W_l^T)``. Seed 001 puts PRC
+in the prototype pathway (the "encoder"), so its parameters ``prc_*`` belong to the ``meta`` group
+and are trained by the M-SAPS prototype loss, which is a function of ``P_eff`` (the original put
+them in the computation group behind a hard mask, where they never received a gradient).
+
+The model: embedding -> L pre-norm blocks (Dimension-DynSIHA: one causal head whose q, k, v, o
+are SPL layers; MoIE: SPL d -> m*d -> d) -> final LN -> LM head. ``recursion="stacked"`` scans
+over L distinct layers; ``"dyntrm"`` scans one shared block over ``steps`` refinement steps, PRC
+then running across steps with one shared transform. Either way a "site" is one application of a
+block (a layer or a step); per-site statistics are stacked on a leading axis L_eff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tinyonn_jax.config import _check, _choice, _non_negative, _positive_int
+from tinyonn_jax.model.attention import attention_mask, dot_product_attention, rope
+from tinyonn_jax.model.norm import init_layer_norm, layer_norm
+from tinyonn_jax.model.recursion import Context, make_context
+from tinyonn_jax.params import META, param_labels
+
+ACTIVATIONS = ("linear", "silu")
+MASK_MODES = ("hard", "ste")
+RECURSIONS = ("stacked", "dyntrm")
+ROUTING_FORMS = ("cos_minus_gate",)
+SPL_ROPE_MODES = ("none", "rope1d")
+ATTN_KINDS = ("q", "k", "v", "o")
+FFN_KINDS = ("ffn1", "ffn2")
+_PRC_PREFIX = "prc"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplConfig:
+    """The SPL model family (seed 001) and its M-SAPS meta-learning."""
+
+    vocab_size: int = 18
+    hidden: int = 256
+    num_layers: int = 8  # distinct layers when recursion == "stacked"
+    recursion: str = "stacked"
+    steps: int = 8  # refinement steps of the shared block when recursion == "dyntrm"
+    use_moie: bool = True
+    moie_mult: int = 2  # MoIE: hidden -> moie_mult*hidden -> hidden
+    mask_mode: str = "ste"
+    activation: str = "linear"  # seed 001: out = (x mu^T + b) * mask; "silu" is the final form
+    routing_form: str = "cos_minus_gate"
+    rope: str = "rope1d"
+    rope_base: float = 10000.0
+    init_std: float = 0.02  # embedding and prototypes; mu uses fan-in scaling, gates start at 0
+    ln_eps: float = 1e-5
+    final_norm: bool = True
+    prc: bool = True
+    # M-SAPS (tinyonn_jax.sars.msaps)
+    isolate: bool = True  # main loss -> main params only (routing params get only meta losses)
+    w_proto: float = 1.0
+    w_gate: float = 1.0
+    l2_coef: float = 1e-4  # lambda = l2_coef * mean Frobenius norm of the mu and proto matrices
+    ema_decay: float = 0.98  # EMA of token accuracy that sets the protection temperature
+    min_temperature: float = 0.01
+
+    def __post_init__(self) -> None:
+        s = "spl"
+        _positive_int(s, self, "vocab_size", "hidden", "num_layers", "steps", "moie_mult")
+        _choice(s, self, "recursion", RECURSIONS)
+        _choice(s, self, "mask_mode", MASK_MODES)
+        _choice(s, self, "activation", ACTIVATIONS)
+        _choice(s, self, "routing_form", ROUTING_FORMS)
+        _choice(s, self, "rope", SPL_ROPE_MODES)
+        if self.rope == "rope1d":
+            _check(self.hidden % 2 == 0, s, "rope", self.rope,
+                   f"1D RoPE over the single head needs an even hidden, got {self.hidden}")
+        _check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
+        _check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
+        _check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
+        _non_negative(s, self, "w_proto", "w_gate", "l2_coef")
+        _check(0.0 <= self.ema_decay < 1.0, s, "ema_decay", self.ema_decay, "must be in [0, 1)")
+        _check(0.0 < self.min_temperature <= 1.0, s, "min_temperature", self.min_temperature,
+               "must be in (0, 1]")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """SPL module kinds of one block, in forward order."""
+        return ATTN_KINDS + (FFN_KINDS if self.use_moie else ())
+
+    def dims(self, kind: str) -> tuple[int, int]:
+        """(d_in, d_out) of an SPL module kind."""
+        d, f = self.hidden, self.moie_mult * self.hidden
+        return {"ffn1": (d, f), "ffn2": (f, d)}.get(kind, (d, d))
+
+    @property
+    def num_sites(self) -> int:
+        """L_eff: block applications per forward (layers, or refinement steps)."""
+        return self.num_layers if self.recursion == "stacked" else self.steps
+
+    @property
+    def num_param_layers(self) -> int:
+        """L_p: leading axis of the block parameters (1 when the block is shared)."""
+        return self.num_layers if self.recursion == "stacked" else 1
+
+    @property
+    def num_prc(self) -> int:
+        """Leading axis of the PRC transforms: one per layer after the first, or one shared."""
+        if not self.prc or self.num_sites == 1:
+            return 0
+        return self.num_sites - 1 if self.recursion == "stacked" else 1
+
+
+# ----------------------------------------------------------------------------- SPL layer
+
+
+@jax.custom_jvp
+def _ste_mask(raw: jax.Array) -> jax.Array:
+    return (raw > 0).astype(raw.dtype)
+
+
+@_ste_mask.defjvp
+def _ste_mask_jvp(primals, tangents):
+    # Straight-through: forward 1[raw > 0] exactly, backward the identity into raw.
+    (raw,), (t,) = primals, tangents
+    return _ste_mask(raw), t
+
+
+def init_spl(key: jax.Array, d_in: int, d_out: int, *, init_std: float = 0.02) -> dict:
+    """One SPL layer: mu_weight (N, in) fan-in scaled, mu_bias (N,), proto_weight (N, in) with
+    std ``init_std``, gate_param (N, in) zero (cost 0: routing starts as cos > 0, about half on)."""
+    k_mu, k_p = jax.random.split(key)
+    return {
+        "mu_weight": jax.random.normal(k_mu, (d_out, d_in)) / np.sqrt(d_in),
+        "mu_bias": jnp.zeros((d_out,), jnp.float32),
+        "proto_weight": init_std * jax.random.normal(k_p, (d_out, d_in)),
+        "gate_param": jnp.zeros((d_out, d_in), jnp.float32),
+    }
+
+
+def _unit(v: jax.Array, eps: float = 1e-12) -> jax.Array:
+    return v * jax.lax.rsqrt(jnp.sum(jnp.square(v), axis=-1, keepdims=True) + eps)
+
+
+def spl_route(x: jax.Array, proto: jax.Array, gate: jax.Array) -> jax.Array:
+    """raw = relu(cos(x, p_j) - x . g_j): x (..., in), proto/gate (N, in) -> (..., N)."""
+    cos = jnp.einsum("...i,ni->...n", _unit(x), _unit(proto))
+    return jax.nn.relu(cos - jnp.einsum("...i,ni->...n", x, gate))
+
+
+def spl_mask(raw: jax.Array, mode: str) -> jax.Array:
+    """1[raw > 0] as float; ``hard`` blocks the gradient, ``ste`` passes it unchanged to raw."""
+    if mode == "hard":
+        return jax.lax.stop_gradient((raw > 0).astype(raw.dtype))
+    if mode == "ste":
+        return _ste_mask(raw)
+    raise ValueError(f"unknown SPL mask mode {mode!r}")
+
+
+def activate(pre: jax.Array, activation: str) -> jax.Array:
+    """The SPL output nonlinearity applied before the mask."""
+    if activation == "linear":
+        return pre
+    if activation == "silu":
+        return jax.nn.silu(pre)
+    raise ValueError(f"unknown SPL activation {activation!r}")
+
+
+def spl_apply(params: dict, x: jax.Array, mode: str, *, activation: str = "linear",
+              proto: jax.Array | None = None,
+              probe: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """SPL forward: x (..., in) -> out (..., N) = act(x mu^T + b) * mask (+ zero probe).
+
+    ``proto`` overrides ``params['proto_weight']`` (the PRC effective prototype). A zero ``probe``
+    added to the masked output makes dL/dM available from the same backward pass. Residuals:
+    x, pre (x mu^T + b), raw (routing logits after ReLU), mask.
+    """
+    p = params["proto_weight"] if proto is None else proto
+    raw = spl_route(x, p, params["gate_param"])
+    mask = spl_mask(raw, mode)
+    pre = jnp.einsum("...i,ni->...n", x, params["mu_weight"]) + params["mu_bias"]
+    out = activate(pre, activation) * mask
+    if probe is not None:
+        out = out + probe
+    return out, {"x": x, "pre": pre, "raw": raw, "mask": mask}
+
+
+# ----------------------------------------------------------------------------- PRC
+
+
+def init_prc(key: jax.Array, n: int, d_in: int, *, init_std: float = 0.02) -> dict:
+    """n PRC transforms: prc_weight (n, in, in) and LN prc_scale / prc_bias (n, in).
+
+    The LN scale starts at ``init_std`` so the residual term has the prototypes' own row scale
+    instead of swamping them (an LN output row has norm sqrt(in)).
+    """
+    return {
+        "prc_weight": jax.random.normal(key, (n, d_in, d_in)) / np.sqrt(d_in),
+        "prc_scale": jnp.full((n, d_in), init_std, jnp.float32),
+        "prc_bias": jnp.zeros((n, d_in), jnp.float32),
+    }
+
+
+def prc_transform(prc: dict, p_prev: jax.Array, eps: float) -> jax.Array:
+    """LN(P_prev W^T) for one transform: prc leaves without the leading axis, p_prev (N, in)."""
+    y = p_prev @ prc["prc_weight"].T
+    return layer_norm({"scale": prc["prc_scale"], "bias": prc["prc_bias"]}, y, eps)
+
+
+def effective_prototypes(params: dict, cfg: SplConfig) -> dict[str, jax.Array]:
+    """P_eff per module kind, (L_eff, N, in), differentiable in proto_weight and prc_*."""
+    n_sites, stacked = cfg.num_sites, cfg.recursion == "stacked"
+    out = {}
+    for kind in cfg.kinds:  # distinct module kinds, each with its own residual stream
+        proto = params["layers"][kind]["proto_weight"]  # (L_p, N, in)
+        if cfg.num_prc == 0:
+            shape = (n_sites,) + proto.shape[1:]
+            out[kind] = proto if stacked else jnp.broadcast_to(proto[0], shape)
+            continue
+        prc = params["prc"][kind]
+        if stacked:
+            xs = (proto[1:], prc)
+        else:  # one shared prototype and one shared transform, repeated over the steps
+            rep = lambda a: jnp.broadcast_to(a[0], (n_sites - 1,) + a.shape[1:])  # noqa: E731
+            xs = (rep(proto), jax.tree.map(rep, prc))
+
+        def body(prev, xs_l):
+            p_l, prc_l = xs_l
+            new = p_l + prc_transform(prc_l, prev, cfg.ln_eps)
+            return new, new
+
+        _, rest = jax.lax.scan(body, proto[0], xs)
+        out[kind] = jnp.concatenate([proto[:1], rest], axis=0)
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def init_spl_params(key: jax.Array, cfg: SplConfig) -> dict:
+    """embed (V, D), layers (leaves with leading axis L_p), prc (per kind), final_ln, lm_head."""
+    k_emb, k_layers, k_prc, k_head = jax.random.split(key, 4)
+
+    def init_layer(k):
+        ks = jax.random.split(k, len(cfg.kinds))
+        lp = {"ln1": init_layer_norm(cfg.hidden)}
+        if cfg.use_moie:
+            lp["ln2"] = init_layer_norm(cfg.hidden)
+        for kind, kk in zip(cfg.kinds, ks, strict=True):
+            lp[kind] = init_spl(kk, *cfg.dims(kind), init_std=cfg.init_std)
+        return lp
+
+    params = {
+        "embed": cfg.init_std * jax.random.normal(k_emb, (cfg.vocab_size, cfg.hidden)),
+        "layers": jax.vmap(init_layer)(jax.random.split(k_layers, cfg.num_param_layers)),
+        "lm_head": jax.random.normal(k_head, (cfg.hidden, cfg.vocab_size)) / np.sqrt(cfg.hidden),
+    }
+    if cfg.num_prc:
+        ks = jax.random.split(k_prc, len(cfg.kinds))
+        params["prc"] = {kind: init_prc(kk, cfg.num_prc, cfg.dims(kind)[0], init_std=cfg.init_std)
+                         for kind, kk in zip(cfg.kinds, ks, strict=True)}
+    if cfg.final_norm:
+        params["final_ln"] = init_layer_norm(cfg.hidden)
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+
+
+def spl_param_labels(params: dict) -> dict:
+    """'main' / 'meta' per leaf: the rule of ``params.param_labels`` plus ``prc_*`` -> meta."""
+
+    def relabel(path, lab):
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+        return META if name.startswith(_PRC_PREFIX) else lab
+
+    return jax.tree_util.tree_map_with_path(relabel, param_labels(params))
+
+
+def spl_probe_shapes(cfg: SplConfig, batch: int, length: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the zero probes on every masked SPL output: (L_eff, B, T, N) per kind."""
+    return {k: (cfg.num_sites, batch, length, cfg.dims(k)[1]) for k in cfg.kinds}
+
+
+def spl_zero_probes(cfg: SplConfig, batch: int, length: int) -> dict[str, jax.Array]:
+    return {k: jnp.zeros(s, jnp.float32) for k, s in spl_probe_shapes(cfg, batch, length).items()}
+
+
+def _summarize(res: dict, valid: jax.Array) -> dict:
+    """Per-site M-SAPS inputs of one module: activation count (N), anchor (N, in), mean input."""
+    x = jax.lax.stop_gradient(res["x"])
+    m = jax.lax.stop_gradient(res["mask"]) * valid[..., None]
+    count = jnp.sum(m, axis=(0, 1))
+    anchor = jnp.einsum("btn,bti->ni", m, x) / jnp.maximum(count, 1.0)[:, None]
+    x_mean = jnp.einsum("bt,bti->i", valid, x) / jnp.maximum(jnp.sum(valid), 1.0)
+    return {"count": count, "anchor": anchor, "x_mean": x_mean}
+
+
+def spl_block(lp: dict, x: jax.Array, protos: dict, probes: dict | None, ctx: Context,
+              cfg: SplConfig, with_stats: bool = True) -> tuple[jax.Array, dict, dict]:
+    """One pre-norm block on x (B,T,D): Dimension-DynSIHA then MoIE.
+
+    Returns (x, per-kind summaries, per-kind full residuals (only when probes are given)).
+    """
+    summ, full = {}, {}
+
+    def spl(kind, inp):  # a handful of distinct module kinds, not a loop over neurons
+        out, res = spl_apply(lp[kind], inp, cfg.mask_mode, activation=cfg.activation,
+                             proto=protos[kind], probe=None if probes is None else probes[kind])
+        if with_stats:
+            summ[kind] = _summarize(res, ctx.valid)
+        if probes is not None:
+            full[kind] = res
+        return out
+
+    h = layer_norm(lp["ln1"], x, cfg.ln_eps)
+    q, k, v = (spl(c, h)[:, :, None] for c in ("q", "k", "v"))  # one head of width D
+    if cfg.rope == "rope1d":
+        q, k = rope(q, ctx.positions, cfg.rope_base), rope(k, ctx.positions, cfg.rope_base)
+    slots = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    mask = attention_mask(slots, slots, ctx.segment_ids, ctx.segment_ids)
+    x = x + spl("o", dot_product_attention(q, k, v, mask)[:, :, 0])
+    if cfg.use_moie:
+        f = spl("ffn1", layer_norm(lp["ln2"], x, cfg.ln_eps))
+        if cfg.activation == "linear":  # seed-001 MoIE: sbl1 -> ReLU -> sbl2
+            f = jax.nn.relu(f)
+        x = x + spl("ffn2", f)
+    return x, summ, full
+
+
+def spl_forward(params: dict, tokens: jax.Array, cfg: SplConfig, *,
+                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                probes: dict | None = None, with_stats: bool = True) -> tuple[jax.Array, dict]:
+    """tokens (B,T) -> logits (B,T,V) float32 and aux.
+
+    aux: ``stats[kind]`` = {count (L_eff,N), anchor (L_eff,N,in), x_mean (L_eff,in)} over valid
+    tokens (omitted with ``with_stats=False``, e.g. for evaluation); ``protos[kind]`` (L_eff,N,in);
+    ``tokens`` (number of valid tokens); ``context``; with ``probes``, ``residuals[kind]`` =
+    {x, pre, raw, mask} stacked over sites.
+    """
+    ctx = make_context(tokens, positions, segment_ids)
+    x = params["embed"][tokens]
+    protos = effective_prototypes(params, cfg)
+    if cfg.recursion == "stacked":
+        layers, shared = params["layers"], None
+    else:
+        layers, shared = None, jax.tree.map(lambda a: a[0], params["layers"])
+
+    def body(x, xs):
+        lp, pr, pb = xs
+        x, summ, full = spl_block(shared if lp is None else lp, x, pr, pb, ctx, cfg, with_stats)
+        return x, (summ, full)
+
+    x, (stats, residuals) = jax.lax.scan(body, x, (layers, protos, probes))
+    h = layer_norm(params["final_ln"], x, cfg.ln_eps) if cfg.final_norm else x
+    logits = jnp.einsum("btd,dv->btv", h, params["lm_head"], preferred_element_type=jnp.float32)
+    aux = {"stats": stats, "protos": protos, "tokens": jnp.sum(ctx.valid), "context": ctx}
+    if probes is not None:
+        aux["residuals"] = residuals
+    return logits, aux
+
