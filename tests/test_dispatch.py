@@ -95,3 +95,22 @@ def test_overflow_is_counted():
                 for s in range(cfg.max_refinement_steps)]
         np.testing.assert_array_equal(aux[f"overflow_{site}"], want)
         assert sum(want) > 0
+
+
+def test_overflow_reaches_the_train_metrics():
+    from tinyonn_jax import optim
+    from tinyonn_jax import step as st
+    from tinyonn_jax.config import Config, OptimizerConfig
+
+    _, sparse = _cfgs()
+    cfg = Config(model=dataclasses.replace(sparse, capacity_frac=0.1),
+                 optim=OptimizerConfig(name="adam", kwargs=()),
+                 meta_optim=OptimizerConfig(name="adam", kwargs=()))
+    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
+    state = st.init_state(cfg, opt, jax.random.key(0))
+    toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
+    batch = dict(inputs=toks[:, :-1], targets=toks[:, 1:], weights=jnp.ones((B, T)),
+                 segment_ids=jnp.ones((B, T), jnp.int32),
+                 positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
+    _, m = st.make_train_step(cfg, opt)(state, batch)
+    assert float(m["route/overflow/ffn"]) > 0 and np.isfinite(float(m["train/loss"]))

@@ -28,7 +28,9 @@ def _setup(cfg, b=2, seed=0):
 def test_scan_equals_unrolled(jit, rope):
     cfg = tiny_model_config(rope=rope, max_refinement_steps=3)
     params, tokens = _setup(cfg)
-    fwd = (lambda p, t: tr.forward(p, t, cfg)[0])
+    def fwd(p, t):
+        return tr.forward(p, t, cfg)[0]
+
     logits = (jax.jit(fwd) if jit else fwd)(params, tokens)
 
     ctx = recursion.make_context(tokens)

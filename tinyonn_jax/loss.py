@@ -37,3 +37,38 @@ def act_loss(halt_logits: jax.Array, step_logits: jax.Array, targets: jax.Array,
     bce = jnp.maximum(x, 0) - x * correct + jnp.log1p(jnp.exp(-jnp.abs(x)))
     has = (jnp.sum(weights, axis=-1) > 0).astype(jnp.float32)[None]
     return jnp.sum(bce * has) / jnp.maximum(jnp.sum(has) * x.shape[0], 1.0)
+
+
+def per_step_cross_entropy(step_logits: jax.Array, targets: jax.Array,
+                           weights: jax.Array) -> jax.Array:
+    """``cross_entropy`` of every refinement step: step_logits (S,B,T,V), targets/weights (B,T)
+    -> (S,). Each step is normalised by the same weighted-token count as the final-step loss."""
+    logp = jax.nn.log_softmax(step_logits.astype(jnp.float32), axis=-1)
+    tgt = jnp.broadcast_to(targets, step_logits.shape[:-1])
+    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]  # (S,B,T)
+    return jnp.sum(nll * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def deep_supervision_weights(step_weights: tuple[float, ...], num_steps: int) -> jax.Array:
+    """Per-step CE weights (S,) normalised to sum 1; ``()`` puts all weight on the final step.
+
+    Normalising keeps the mixed loss on the scale of one CE, so ``sars.w_act`` and the learning
+    rate keep their meaning whatever weights are chosen.
+    """
+    if not step_weights:
+        return jnp.zeros((num_steps,), jnp.float32).at[-1].set(1.0)
+    if len(step_weights) != num_steps:
+        raise ValueError(f"config train.deep_supervision={tuple(step_weights)!r}: length must "
+                         f"equal model.max_refinement_steps={num_steps}")
+    w = jnp.asarray(step_weights, jnp.float32)
+    return w / jnp.sum(w)
+
+
+def deep_supervision_loss(step_logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                          step_weights: tuple[float, ...]) -> jax.Array:
+    """TRM-style deep supervision: ``sum_s w_s CE(logits_s)`` with normalised weights w (S,).
+
+    step_logits (S,B,T,V); with ``step_weights=()`` this is the final step's cross entropy.
+    """
+    w = deep_supervision_weights(step_weights, step_logits.shape[0])
+    return jnp.dot(w, per_step_cross_entropy(step_logits, targets, weights))

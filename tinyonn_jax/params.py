@@ -1,4 +1,4 @@
-"""The two parameter groups, one vocabulary everywhere: ``main`` (computation) and ``meta`` (routing).
+"""The two parameter groups, one vocabulary everywhere: ``main`` (computation), ``meta`` (routing).
 
 Routing parameters are the prototypes and gates/thresholds of every router; everything else
 (embedding, norms, expert banks, projections, LM head, halting head) is computation.

@@ -4,22 +4,27 @@ One step = one forward with zero probes on every expert call site, one backward 
 giving the main gradient and every site's output cotangent, the closed-form SARS statistics, the
 meta loss on the routing parameters, and one partitioned optax update (main chain on ``main``,
 meta chain on ``meta``). A non-finite loss or gradient skips the update and is counted.
+
+Dense baselines (``model.attn_kind="mha"`` / ``model.ffn_kind="swiglu"``) have fewer call sites
+or none; SARS covers the sites that exist (``ModelConfig.routed_sites``), off without any. Options
+of TRM: deep supervision (``train.deep_supervision``) and an EMA of the parameters
+(``train.ema_decay``), kept in the state for evaluation.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import loss as task_loss
 from tinyonn_jax.config import Config
 from tinyonn_jax.model import transformer as tr
-from tinyonn_jax.params import MAIN, META, param_labels
-from tinyonn_jax.sars import losses as meta_losses
-from tinyonn_jax.sars import surprise
+from tinyonn_jax.params import META, param_labels
+from tinyonn_jax.sars import engine
 
 Batch = dict  # inputs, targets, weights, segment_ids, positions: all (B, T)
 
@@ -29,12 +34,13 @@ class TrainState(NamedTuple):
     params: dict
     opt_state: optax.OptState
     skipped: jax.Array  # int32 scalar: updates skipped because of a non-finite loss/gradient
+    ema: Any = None  # EMA of params (train.ema_decay > 0), else None (no leaves to checkpoint)
 
 
 def init_state(cfg: Config, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
     params = tr.init_params(key, cfg.model)
     return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                      skipped=jnp.int32(0))
+                      skipped=jnp.int32(0), ema=ema_lib.init_ema(params, cfg.train.ema_decay))
 
 
 def _stop_group(params: dict, labels: dict, group: str) -> dict:
@@ -43,16 +49,40 @@ def _stop_group(params: dict, labels: dict, group: str) -> dict:
 
 
 def main_objective(params: dict, probes: dict | None, batch: Batch, cfg: Config):
-    """CE on the final step + w_act * ACT loss. Returns (loss, (logits, aux, parts))."""
+    """CE + w_act * ACT loss. Returns (loss, (logits, aux, parts)).
+
+    The CE is the final step's, or with ``train.deep_supervision`` the weighted mean of every
+    refinement step's; ``parts['ce']`` is always the final step's (comparable across runs).
+    """
     logits, aux = tr.forward(params, batch["inputs"], cfg.model, positions=batch["positions"],
                              segment_ids=batch["segment_ids"], probes=probes)
     ce = task_loss.cross_entropy(logits, batch["targets"], batch["weights"])
     act = task_loss.act_loss(aux["halt_logits"], aux["logits"], batch["targets"],
                              batch["weights"])
-    return ce + cfg.sars.w_act * act, (logits, aux, {"ce": ce, "act": act})
+    parts = {"ce": ce, "act": act}
+    task = ce
+    if cfg.train.deep_supervision:
+        task = task_loss.deep_supervision_loss(aux["logits"], batch["targets"], batch["weights"],
+                                               cfg.train.deep_supervision)
+        parts["deep_ce"] = task
+    return task + cfg.sars.w_act * act, (logits, aux, parts)
 
 
-def compute_gradients(params: dict, batch: Batch, cfg: Config):
+class Gradients(NamedTuple):
+    """Everything one forward and its backward passes produce."""
+
+    loss: jax.Array  # main objective (CE [+ deep supervision] + w_act * ACT)
+    g_main: dict  # params-shaped gradient of the main objective
+    g_meta: dict  # params-shaped gradient of w_meta * meta loss (routing leaves only)
+    logits: jax.Array  # (B, T, V) final refinement step
+    aux: dict  # forward residuals (see transformer.forward)
+    parts: dict  # loss components
+    sars_metrics: dict  # scalar SARS summaries ({} when SARS is off)
+    g_probes: dict | None  # dL/dA of every expert call site, (S, ...) per site
+    meta_loss: jax.Array
+
+
+def compute_gradients(params: dict, batch: Batch, cfg: Config) -> Gradients:
     """Main and meta gradients (each a full params-shaped tree) plus everything to log.
 
     With ``sars.isolate`` the main loss reaches only ``main`` params and the meta loss only
@@ -64,27 +94,23 @@ def compute_gradients(params: dict, batch: Batch, cfg: Config):
         return _stop_group(p, labels, META) if cfg.sars.isolate else p
 
     b, t = batch["inputs"].shape
-    if not cfg.sars.enabled:
+    if not cfg.sars.enabled or not cfg.model.routed_sites:
         (loss, (logits, aux, parts)), g_main = jax.value_and_grad(
             lambda p: main_objective(isolate_main(p), None, batch, cfg), has_aux=True)(params)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        return loss, g_main, zeros, logits, aux, parts, None, jnp.float32(0.0)
+        return Gradients(loss, g_main, zeros, logits, aux, parts, {}, None, jnp.float32(0.0))
 
     probes = tr.zero_probes(cfg.model, b, t)
     loss, vjp, (logits, aux, parts) = jax.vjp(
         lambda p, pr: main_objective(isolate_main(p), pr, batch, cfg), params, probes,
         has_aux=True)
     g_main, g_probes = vjp(jnp.ones_like(loss))
-    stats = surprise.all_site_stats(params, aux, g_probes, cfg.model, cfg.sars.importance)
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
-
-    def meta_objective(p):
-        p = _stop_group(p, labels, MAIN)
-        return meta_losses.meta_loss(p, aux, stats, valid, cfg.model, cfg.sars.meta_loss)
-
-    meta_loss, g_meta = jax.value_and_grad(meta_objective)(params)
-    g_meta = jax.tree.map(lambda g: cfg.sars.w_meta * g, g_meta)
-    return loss, g_main, g_meta, logits, aux, parts, stats, meta_loss
+    res = engine.sars_pass(params, aux, g_probes, valid, cfg.model, cfg.sars.importance,
+                           cfg.sars.meta_loss)
+    g_meta = jax.tree.map(lambda g: cfg.sars.w_meta * g, res.g_meta)
+    return Gradients(loss, g_main, g_meta, logits, aux, parts, res.metrics, g_probes,
+                     res.meta_loss)
 
 
 def _global_norm(tree) -> jax.Array:
@@ -96,7 +122,7 @@ def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def step_metrics(cfg: Config, batch: Batch, logits, aux, parts, stats, meta_loss, loss,
+def step_metrics(cfg: Config, batch: Batch, logits, aux, parts, sars_metrics, meta_loss, loss,
                  g_main, g_meta) -> dict:
     """Flat dict of scalars (and per-expert usage vectors under 'experts/')."""
     w = batch["weights"]
@@ -116,43 +142,29 @@ def step_metrics(cfg: Config, batch: Batch, logits, aux, parts, stats, meta_loss
     s = halt.shape[0]
     first = jnp.where(jnp.any(halt, 0), jnp.argmax(halt, 0) + 1, s)
     m["act/halt_steps"] = jnp.mean(first.astype(jnp.float32))
-    sites = {"q": aux["k_q"], "k": aux["k_k"], "v": aux["k_v"]}
+    if "deep_ce" in parts:
+        m["train/deep_ce"] = parts["deep_ce"]
+    present = cfg.model.routed_sites  # dense sublayers have no routing to report
     pools = {"q": cfg.model.num_attn_experts, "k": cfg.model.num_attn_experts,
-             "v": cfg.model.num_attn_experts}
-    if cfg.model.use_ffn:
-        sites["ffn"], pools["ffn"] = aux["k_ffn"], cfg.model.num_ffn_experts
+             "v": cfg.model.num_attn_experts, "ffn": cfg.model.num_ffn_experts}
+    sites = {site: aux[f"k_{site}"] for site in present}
     for site, k in sites.items():
         vw = valid.reshape(1, *valid.shape, *([1] * (k.ndim - 3)))
         avg_k = _masked_mean(k.astype(jnp.float32), vw)
         m[f"route/avg_k/{site}"] = avg_k
         m[f"route/active_frac/{site}"] = avg_k / pools[site]
+        if f"overflow_{site}" in aux:  # sparse dispatch: active pairs dropped for capacity
+            m[f"route/overflow/{site}"] = jnp.sum(aux[f"overflow_{site}"]).astype(jnp.float32)
     vt = valid.reshape(1, *valid.shape, 1, 1)
-    m["experts/usage_attn"] = jnp.mean(jnp.stack(
-        [jnp.sum((aux[f"z_{c}"] > 0) * vt, axis=(0, 1, 2, 3)) for c in "qkv"]), 0) / jnp.maximum(
-        jnp.sum(valid) * s * cfg.model.num_heads, 1.0)
-    if cfg.model.use_ffn:
+    if "q" in present:
+        m["experts/usage_attn"] = jnp.mean(jnp.stack(
+            [jnp.sum((aux[f"z_{c}"] > 0) * vt, axis=(0, 1, 2, 3)) for c in "qkv"]),
+            0) / jnp.maximum(jnp.sum(valid) * s * cfg.model.num_heads, 1.0)
+    if "ffn" in present:
         m["experts/usage_ffn"] = jnp.sum((aux["z_ffn"] > 0) * valid[None, ..., None],
                                          axis=(0, 1, 2)) / jnp.maximum(jnp.sum(valid) * s, 1.0)
-    if stats is not None:
-        cs, os_, pos, neg, act = [], [], [], [], []
-        for site, st in stats.items():
-            vw = valid.reshape(1, *valid.shape, *([1] * (st.c.ndim - 3)))
-            active = (aux[f"z_{site}"] > 0) * vw
-            cs.append(_masked_mean(st.c, active))
-            os_.append(_masked_mean(st.o, active))
-            pos.append(jnp.sum((st.goodness > 0) * active))
-            neg.append(jnp.sum((st.goodness < 0) * active))
-            act.append(jnp.sum(active))
-            m[f"sars/C_mean/{site}"] = cs[-1]
-        n_act = jnp.maximum(sum(act), 1.0)
-        m["sars/C_mean"] = jnp.mean(jnp.stack(cs))
-        m["sars/O_mean"] = jnp.mean(jnp.stack(os_))
-        m["sars/goodness_pos"] = sum(pos) / n_act
-        m["sars/goodness_neg"] = sum(neg) / n_act
-        m["sars/goodness_zero"] = 1.0 - (sum(pos) + sum(neg)) / n_act
-        surprise_s = m["sars/C_mean"]
-    else:
-        surprise_s = jnp.float32(0.0)
+    m.update(sars_metrics)
+    surprise_s = sars_metrics.get("sars/C_mean", jnp.float32(0.0))
     m["sars/surprise"] = surprise_s
     sc = cfg.sars
     m["sars/pi_score"] = jnp.exp(-sc.pi_alpha * ((1 - sc.pi_gamma) * parts["ce"] / (tau + 1e-9)
@@ -163,20 +175,25 @@ def step_metrics(cfg: Config, batch: Batch, logits, aux, parts, stats, meta_loss
 def train_step(state: TrainState, batch: Batch, *, cfg: Config,
                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """Pure: forward, both backward passes, both updates. Skips non-finite updates."""
-    loss, g_main, g_meta, logits, aux, parts, stats, meta_loss = compute_gradients(
+    loss, g_main, g_meta, logits, aux, parts, sars_metrics, _, meta_loss = compute_gradients(
         state.params, batch, cfg)
     grads = jax.tree.map(jnp.add, g_main, g_meta)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(meta_loss) & jnp.isfinite(_global_norm(grads))
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    params = jax.tree.map(keep, new_params, state.params)
+    ema = state.ema
+    if ema is not None:  # a skipped update leaves params, hence the average, unchanged
+        ema = jax.tree.map(keep, ema_lib.update_ema(ema, params, cfg.train.ema_decay), ema)
     new_state = TrainState(
         step=state.step + 1,
-        params=jax.tree.map(keep, new_params, state.params),
+        params=params,
         opt_state=jax.tree.map(keep, new_opt, state.opt_state),
         skipped=state.skipped + (~ok).astype(jnp.int32),
+        ema=ema,
     )
-    metrics = step_metrics(cfg, batch, logits, aux, parts, stats, meta_loss, loss, g_main,
+    metrics = step_metrics(cfg, batch, logits, aux, parts, sars_metrics, meta_loss, loss, g_main,
                            g_meta)
     metrics["train/skipped"] = new_state.skipped
     metrics["train/update_ok"] = ok.astype(jnp.float32)

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import optim
 from tinyonn_jax import step as train_step
 from tinyonn_jax.checkpoint import Checkpointer
@@ -105,7 +106,7 @@ def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
             raise SystemExit(f"tinyonn-eval: the train state in {where} does not match the one "
                              f"its config builds: {e}") from e
     _check_params(state.params, cfg, where)
-    return state.params, cfg, step
+    return ema_lib.eval_params(state), cfg, step
 
 
 def _table(reports: list[EvalTestReport], agg: EvalAggregate) -> tuple[Table, Table]:

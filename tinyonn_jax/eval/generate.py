@@ -31,7 +31,7 @@ import numpy as np
 
 from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
-from tinyonn_jax.model import attention, moe
+from tinyonn_jax.model import attention, dense, moe
 from tinyonn_jax.model import transformer as tr
 from tinyonn_jax.model.norm import layer_norm
 
@@ -83,18 +83,24 @@ def left_pad(prompts: Sequence[np.ndarray], length: int | None = None) -> tuple[
 
 
 def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callable,
-                cfg: ModelConfig):
-    """One refinement step of the shared block for the tokens in x (B, Tq, D).
+                cfg: ModelConfig) -> tuple[jax.Array, object]:
+    """One refinement step of the shared block for the tokens in x (B, Tq, D), any
+    ``attn_kind`` / ``ffn_kind``.
 
     Same computation as ``recursion.block_step`` without probes or residuals, except that the
     keys/values attended to come from ``attend(k, v) -> (k_all, v_all, mask, extra)``: the
     prompt's own keys in the prefill, the cache in the decode. Returns (x, extra).
     """
     dt = x.dtype
-    u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
-    routes = attention.route_attention(block["attn"], u, cfg)
-    qkv = attention.compose_qkv(block["attn"], u, {c: r.z for c, r in routes.items()}, None)
-    q, k, v = qkv["q"], qkv["k"], qkv["v"]
+    xn = layer_norm(block["ln1"], x, cfg.ln_eps)
+    if cfg.attn_kind == "mha":
+        q, k, v = dense.mha_qkv(block["attn"], xn, cfg)
+    else:
+        u = attention.split_heads(xn, cfg.num_heads)
+        routes = attention.route_attention(block["attn"], u, cfg)
+        qkv = attention.compose_qkv(block["attn"], u, {c: r.z for c, r in routes.items()}, None,
+                                    cfg.attn_dispatch, cfg.capacity_frac)
+        q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if cfg.rope == "rope1d":
         q = attention.rope(q, positions, cfg.rope_base)
         k = attention.rope(k, positions, cfg.rope_base)
@@ -103,8 +109,12 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
     x = x + (o.reshape(*o.shape[:2], -1) @ block["attn"]["o_proj"].astype(o.dtype)).astype(dt)
     if cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
-        rf = moe.route_moe(block["ffn"], uf, cfg)
-        x = x + moe.moe_core(block["ffn"], uf, rf.z, None).astype(dt)
+        if cfg.ffn_kind == "swiglu":
+            x = x + dense.swiglu(block["ffn"], uf).astype(dt)
+        else:
+            rf = moe.route_moe(block["ffn"], uf, cfg)
+            x = x + moe.moe_core(block["ffn"], uf, rf.z, None, cfg.ffn_dispatch,
+                                 cfg.capacity_frac).astype(dt)
     return x, extra
 
 

@@ -20,7 +20,7 @@ QKV = ("q", "k", "v")
 
 
 def init_attention(key: jax.Array, cfg: ModelConfig) -> dict:
-    """Library (P, Dh, F) / (P, F, Dh), prototypes (P, Dh) and gates (P,) per q/k/v, o_proj (D, D)."""
+    """Library (P, Dh, F) / (P, F, Dh), prototypes (P, Dh), gates (P,) per q/k/v, o_proj (D, D)."""
     keys = jax.random.split(key, 5)
     p, dh, d = cfg.num_attn_experts, cfg.head_dim, cfg.hidden
     params = {"library": experts.init_bank(keys[0], p, dh, cfg.attn_mlp_hidden, dh)}

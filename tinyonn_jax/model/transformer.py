@@ -53,10 +53,8 @@ def make_readout(cfg: ModelConfig):
 def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the zero probes: one per call site kind, stacked over steps."""
     s, h, dh = cfg.max_refinement_steps, cfg.num_heads, cfg.head_dim
-    shapes = {c: (s, batch, length, h, dh) for c in ("q", "k", "v")}
-    if cfg.use_ffn:
-        shapes["ffn"] = (s, batch, length, cfg.hidden)
-    return shapes
+    return {site: (s, batch, length, cfg.hidden) if site == "ffn" else (s, batch, length, h, dh)
+            for site in cfg.routed_sites}
 
 
 def zero_probes(cfg: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:

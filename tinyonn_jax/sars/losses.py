@@ -29,16 +29,17 @@ def entropy(logits: jax.Array) -> jax.Array:
 
 def site_routers(params: dict, cfg: ModelConfig) -> dict[str, tuple]:
     """(proto, gate, mode, top_k, aux key of u) per call site kind."""
+    sites = cfg.routed_sites
     attn = params["block"]["attn"]
     out = {c: (attn[f"proto_{c}"], attn[f"gate_{c}"], cfg.attn_routing, cfg.attn_top_k, "u_attn")
-           for c in ("q", "k", "v")}
-    if cfg.use_ffn:
+           for c in ("q", "k", "v") if c in sites}
+    if "ffn" in sites:
         ffn = params["block"]["ffn"]
         out["ffn"] = (ffn["proto"], ffn["gate"], cfg.ffn_routing, cfg.ffn_top_k, "u_ffn")
     return out
 
 
-def _site_meta_loss(r: jax.Array, stats: SiteStats, mode: str, top_k: int,
+def site_meta_loss(r: jax.Array, stats: SiteStats, mode: str, top_k: int,
                     variant: str) -> jax.Array:
     g = jax.lax.stop_gradient(stats.goodness)
     if variant == "entropy_plus":
@@ -63,7 +64,7 @@ def meta_loss(params: dict, aux: dict, stats: dict[str, SiteStats], valid: jax.A
     for site, (proto, gate, mode, top_k, u_key) in routers.items():
         u = jax.lax.stop_gradient(aux[u_key])
         r = routing.prototype_scores(u, proto, gate)
-        per_tok = _site_meta_loss(r, stats[site], mode, top_k, variant)  # (S,B,T[,H])
+        per_tok = site_meta_loss(r, stats[site], mode, top_k, variant)  # (S,B,T[,H])
         w = valid.reshape(1, *valid.shape, *([1] * (per_tok.ndim - 3)))
         w = jnp.broadcast_to(w, per_tok.shape)
         total = total + jnp.sum(per_tok * w) / jnp.maximum(jnp.sum(w), 1.0)

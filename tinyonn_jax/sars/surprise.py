@@ -128,10 +128,12 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
                          for z, g in ((zq, gq), (zk, gk), (zv, gv)))
         return token_stats(lib, u, (zq, zk, zv), (gq, gk, gv), importance)
 
-    q, k, v = jax.lax.map(attn_step, (aux["u_attn"], aux["z_q"], aux["z_k"], aux["z_v"],
-                                      g_probes["q"], g_probes["k"], g_probes["v"]))
-    stats = {"q": q, "k": k, "v": v}
-    if cfg.use_ffn:
+    stats = {}
+    if "q" in cfg.routed_sites:
+        q, k, v = jax.lax.map(attn_step, (aux["u_attn"], aux["z_q"], aux["z_k"], aux["z_v"],
+                                          g_probes["q"], g_probes["k"], g_probes["v"]))
+        stats.update(q=q, k=k, v=v)
+    if "ffn" in cfg.routed_sites:
         def ffn_step(xs):
             u, z, g = xs
             if cfg.ffn_dispatch == "sparse":
@@ -163,7 +165,7 @@ def expert_grad_norms(bank_grad: dict) -> jax.Array:
 
 
 def site_inputs(aux: dict, g_probes: dict, site: str, step: int):
-    """(u, z, g) of one call site at one step, flattened to (N, .) rows for ``site_expert_grads``."""
+    """(u, z, g) of one site at one step, flattened to (N, .) rows for ``site_expert_grads``."""
     if site == "ffn":
         u, z, g = aux["u_ffn"][step], aux["z_ffn"][step], g_probes["ffn"][step]
     else:

@@ -1,0 +1,268 @@
+"""Does routing help? Train several configs on the same real ARC tasks, same steps and seeds.
+
+Each task trains on its demonstration pairs only: every training sequence is the task with one
+demonstration held out as the pseudo-test (all rotations of the held-out pair, augmented views
+on top). The real test pairs are never trained on; they are evaluated at the end with
+``eval.evaluate_tasks`` (greedy generation, exact match of the top-voted answer, pass@2 with
+augmentation voting) and with teacher forcing (token accuracy and loss on the test outputs,
+also tracked during training for the learning curves).
+
+Configs: ``routed`` = the model of configs/tiny.py; ``dense`` = its parameter-matched dense twin
+(MHA + SwiGLU, ``model.dense.match_param_count``); ``routing_off`` = routed with routing mode
+"dense" (every expert active with weight 1/P). All share tiny.py's optimizer, SARS and data
+settings (SARS is off for the dense twin: it has no routed site).
+
+Prints one JSON line per config (means over seeds; per-seed values under ``per_seed``), then a
+comparison table, and writes the learning curves side by side as a PNG.
+Usage: python bench/learning.py [--tasks FILE] [--budget-steps 300] [--seeds 1]
+                                [--configs routed,dense,routing_off] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from common import emit
+
+from tinyonn_jax import ema as ema_lib
+from tinyonn_jax import step as st
+from tinyonn_jax.config import Config
+from tinyonn_jax.data.batching import BatchStream, pack_sequences
+from tinyonn_jax.data.tasks import Task, load_tasks
+from tinyonn_jax.data.tokenizer import sequence_length, serialize_task
+from tinyonn_jax.eval.evaluate import evaluate_tasks
+from tinyonn_jax.families import get_family
+from tinyonn_jax.model import dense
+from tinyonn_jax.trainer import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_NAMES = ("routed", "dense", "routing_off")
+
+
+def make_configs(base: Config, names: list[str]) -> dict[str, Config]:
+    """The compared configs, all derived from ``base`` (configs/tiny.py)."""
+    m = base.model
+    models = {"routed": m, "dense": dense.match_param_count(m),
+              "routing_off": dataclasses.replace(m, attn_routing="dense", ffn_routing="dense")}
+    unknown = set(names) - set(models)
+    if unknown:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {CONFIG_NAMES}")
+    return {n: dataclasses.replace(base, model=models[n]) for n in names}
+
+
+def select_tasks(path: str | None, n_default: int = 20) -> list[Task]:
+    """ARC-AGI-1 training tasks named in ``path`` (one id a line, '#' comments), or the
+    ``n_default`` smallest by longest test sequence (ties by id)."""
+    tasks = [t for t in load_tasks("arc1", "train") if t.has_test_outputs and len(t.train) >= 2]
+    if path is None:
+        key = lambda t: (max(sequence_length(t, i) for i in range(len(t.test))), t.task_id)  # noqa: E731
+        return sorted(tasks, key=key)[:n_default]
+    by_id = {t.task_id: t for t in tasks}
+    ids = [ln.split("#")[0].strip() for ln in Path(path).read_text().splitlines()]
+    ids = [i for i in ids if i]
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise SystemExit(f"--tasks {path}: not ARC-AGI-1 training tasks with >= 2 "
+                         f"demonstrations and known test outputs: {missing}")
+    return [by_id[i] for i in ids]
+
+
+def demo_tasks(tasks: list[Task]) -> list[Task]:
+    """One pseudo-task per demonstration: the others as demonstrations, it as the test pair."""
+    out = []
+    for t in tasks:
+        for j, pair in enumerate(t.train):
+            rest = tuple(p for i, p in enumerate(t.train) if i != j)
+            out.append(Task(task_id=f"{t.task_id}/demo{j}", train=rest, test=(pair,),
+                            source=t.source))
+    return out
+
+
+def test_batches(tasks: list[Task], cfg: Config) -> list[dict]:
+    """Teacher-forcing batches of every real test pair (full demonstrations in the prompt)."""
+    seqs = [serialize_task(t, i) for t in tasks for i in range(len(t.test))]
+    batches, skipped = pack_sequences(seqs, cfg.data.batch_size, cfg.data.min_bucket,
+                                      cfg.data.max_len)
+    if skipped:
+        print(f"warning: {skipped} test sequences exceed max_len={cfg.data.max_len}",
+              file=sys.stderr)
+    return batches
+
+
+def teacher_forced(logits_fn, state, params, batches: list[dict]) -> dict:
+    """Token accuracy and CE over all test-output tokens, and the fraction of test outputs
+    whose every token is right (per packed segment, not per row)."""
+    correct = total = nll = 0.0
+    exact: list[bool] = []
+    for b in batches:
+        logits = np.asarray(logits_fn(state, params, b), np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        w, tgt = b["weights"], b["targets"]
+        hit = (logits.argmax(-1) == tgt)
+        correct += float((hit * w).sum())
+        total += float(w.sum())
+        nll -= float((np.take_along_axis(logp, tgt[..., None], -1)[..., 0] * w).sum())
+        for r in range(w.shape[0]):  # host-side bookkeeping over packed segments
+            for k in np.unique(b["segment_ids"][r][b["segment_ids"][r] > 0]):
+                sel = (b["segment_ids"][r] == k) & (w[r] > 0)
+                exact.append(bool(hit[r][sel].all()))
+    return {"test_token_acc": correct / max(total, 1.0), "test_loss": nll / max(total, 1.0),
+            "test_exact_tf": float(np.mean(exact)) if exact else 0.0}
+
+
+def run_one(name: str, cfg: Config, tasks: list[Task], seed: int, args) -> dict:
+    """Train ``cfg`` for ``args.budget_steps`` from seed ``seed``; evaluate; return records."""
+    family = get_family(cfg)
+    key = jax.random.key(seed)
+    optimizer = family.build_optimizer(cfg, jax.eval_shape(lambda k: family.init_params(k, cfg),
+                                                           key))
+    state = family.init_state(cfg, optimizer, key)
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+    step_fn = st.make_train_step(cfg, optimizer)
+    stream = BatchStream(demo_tasks(tasks), cfg.data, seed=seed)
+    logits_fn = jax.jit(lambda s, p, b: family.logits(s, p, b["inputs"], cfg,
+                                                      positions=b["positions"],
+                                                      segment_ids=b["segment_ids"]))
+    tbatches = test_batches(tasks, cfg)
+    curve = {"step": [], "loss": [], "token_acc": []}
+    evals = {"step": [], "test_token_acc": [], "test_loss": []}
+    t0 = time.perf_counter()
+    for i in range(args.budget_steps):
+        batch, _ = next(stream)
+        state, m = step_fn(state, batch)
+        m = jax.device_get({k: m[k] for k in ("train/main_loss", "train/token_acc")})
+        curve["step"].append(i + 1)
+        curve["loss"].append(float(m["train/main_loss"]))
+        curve["token_acc"].append(float(m["train/token_acc"]))
+        if (i + 1) % args.eval_every == 0 or i + 1 == args.budget_steps:
+            tf = teacher_forced(logits_fn, state, ema_lib.eval_params(state), tbatches)
+            evals["step"].append(i + 1)
+            evals["test_token_acc"].append(tf["test_token_acc"])
+            evals["test_loss"].append(tf["test_loss"])
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    params = ema_lib.eval_params(state)
+    final_tf = teacher_forced(logits_fn, state, params, tbatches)
+    _, agg = evaluate_tasks(params, cfg, tasks, num_views=args.eval_views, seed=seed,
+                            batch_size=8, max_new_tokens=args.max_new_tokens, min_bucket=256)
+    tail = max(1, args.budget_steps // 10)
+    return {
+        "config": name, "seed": seed, "params": n_params, "steps": args.budget_steps,
+        "final_train_loss": float(np.mean(curve["loss"][-tail:])),
+        "final_train_token_acc": float(np.mean(curve["token_acc"][-tail:])),
+        **final_tf,
+        "exact_top1": agg.pair_top1, "pass2": agg.pair_pass2, "task_score": agg.task_score,
+        "malformed_rate": agg.malformed_rate, "solved": agg.solved_task_ids,
+        "skipped_steps": int(jax.device_get(state.skipped)),
+        "train_s": train_s, "eval_s": time.perf_counter() - t0,
+        "curve": curve, "evals": evals,
+    }
+
+
+METRICS = ("final_train_loss", "final_train_token_acc", "test_loss", "test_token_acc",
+           "test_exact_tf", "exact_top1", "pass2", "task_score", "malformed_rate", "train_s",
+           "eval_s")
+
+
+def summarize(name: str, cfg: Config, runs: list[dict], args) -> dict:
+    """One record per config: means over seeds, per-seed values kept."""
+    m = cfg.model
+    rec = {"config": name,
+           "attn": m.attn_kind if m.attn_kind == "mha" else f"{m.attn_kind}/{m.attn_routing}",
+           "ffn": m.ffn_kind if m.ffn_kind == "swiglu" else f"{m.ffn_kind}/{m.ffn_routing}",
+           "params": runs[0]["params"],
+           "steps": args.budget_steps, "seeds": len(runs), "tasks": args.n_tasks}
+    rec.update({k: float(np.mean([r[k] for r in runs])) for k in METRICS})
+    rec["step_s"] = rec["train_s"] / args.budget_steps
+    rec["solved"] = sorted({t for r in runs for t in r["solved"]})
+    rec["per_seed"] = {k: [round(r[k], 4) for r in runs] for k in
+                       ("test_token_acc", "exact_top1", "pass2")}
+    return rec
+
+
+def print_table(records: list[dict]) -> None:
+    cols = ("config", "params", "final_train_loss", "test_loss", "test_token_acc",
+            "test_exact_tf", "exact_top1", "pass2", "step_s")
+    rows = [[str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.4f}" for c in cols]
+            for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def plot(curves: dict[str, list[dict]], path: Path, smooth: int) -> None:
+    """Train CE, train token accuracy and teacher-forced test token accuracy, side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.2), dpi=110)
+    axes = fig.subplots(1, 3)
+    for name, runs in curves.items():
+        steps = np.asarray(runs[0]["curve"]["step"])
+        for ax, key in zip(axes[:2], ("loss", "token_acc"), strict=True):
+            y = np.mean([r["curve"][key] for r in runs], axis=0)
+            k = min(smooth, len(y))
+            ys = np.convolve(y, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], ys, label=name)
+        ev = np.mean([r["evals"]["test_token_acc"] for r in runs], axis=0)
+        axes[2].plot(runs[0]["evals"]["step"], ev, marker="o", label=name)
+    titles = (f"train CE (moving mean of {smooth})", "train token accuracy",
+              "test-output token accuracy (teacher forced)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=None, help="file of ARC-AGI-1 training task ids")
+    p.add_argument("--budget-steps", type=int, default=300)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--configs", default="routed,dense,routing_off")
+    p.add_argument("--eval-every", type=int, default=0, help="0 = budget/10")
+    p.add_argument("--eval-views", type=int, default=4, help="augmented views for voting")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="constant generation budget (never the answer's size)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_learning" / "curves.png"))
+    args = p.parse_args()
+    if args.budget_steps < 1 or args.seeds < 1:
+        raise SystemExit("--budget-steps and --seeds must be >= 1")
+    args.eval_every = args.eval_every or max(1, args.budget_steps // 10)
+    tasks = select_tasks(args.tasks)
+    args.n_tasks = len(tasks)
+    base = load_config(ROOT / "configs" / "tiny.py")
+    configs = make_configs(base, [c.strip() for c in args.configs.split(",") if c.strip()])
+    print(f"# {len(tasks)} tasks, {len(demo_tasks(tasks))} demonstration hold-outs, "
+          f"{args.budget_steps} steps x {args.seeds} seed(s): {', '.join(configs)}",
+          file=sys.stderr)
+    records, curves = [], {}
+    for name, cfg in configs.items():
+        runs = [run_one(name, cfg, tasks, seed, args) for seed in range(args.seeds)]
+        curves[name] = runs
+        rec = summarize(name, cfg, runs, args)
+        records.append(rec)
+        emit(rec)
+    print_table(records)
+    out = Path(args.out)
+    plot(curves, out, smooth=max(1, args.budget_steps // 20))
+    out.with_suffix(".json").write_text(json.dumps(
+        {n: [{k: r[k] for k in ("seed", "curve", "evals")} for r in runs]
+         for n, runs in curves.items()}))
+    print(f"# curves: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Dense baselines inside the same DynTRM recursion: multi-head attention and a SwiGLU FFN.
+
+``ModelConfig.attn_kind="mha"`` replaces DynSIHA+ by standard multi-head attention (q, k, v and
+o projections, each (D, D)) with the same RoPE and causal segment-local mask as
+``model/attention.py``; ``ModelConfig.ffn_kind="swiglu"`` replaces DynMoE by one dense SwiGLU FFN
+``(silu(u W_gate) * (u W_up)) W_down`` of width ``ModelConfig.swiglu_width``. Everything else
+(embedding, pre-norm residual block, ``lax.scan`` over refinement steps, ACT head, readout) is
+shared, so a comparison isolates routing. A dense sublayer has no expert call site: it adds no
+``u_*``, ``z_*`` or ``k_*`` entry to the block's residuals and takes no probe.
+
+Parameter names avoid the ``proto``/``gate`` prefixes of routing parameters (``params.py``), so
+every dense weight is a ``main`` parameter. ``match_param_count`` picks the dense twin's widths so
+that its parameter count is within 5% of a routed model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.model import attention
+from tinyonn_jax.model.norm import layer_norm
+
+
+def _linear(key: jax.Array, d_in: int, d_out: int) -> jax.Array:
+    """(d_in, d_out) normal with std 1/sqrt(d_in): the scale of the expert banks and o_proj."""
+    return jax.random.normal(key, (d_in, d_out), jnp.float32) / jnp.sqrt(jnp.float32(d_in))
+
+
+def init_mha(key: jax.Array, cfg: ModelConfig) -> dict:
+    """wq, wk, wv, o_proj: each (D, D)."""
+    kq, kk, kv, ko = jax.random.split(key, 4)
+    d = cfg.hidden
+    return {"wq": _linear(kq, d, d), "wk": _linear(kk, d, d), "wv": _linear(kv, d, d),
+            "o_proj": _linear(ko, d, d)}
+
+
+def mha_qkv(params: dict, xn: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, ...]:
+    """Projections of the normalised input xn (B,T,D) -> q, k, v, each (B,T,H,Dh), before RoPE."""
+    return tuple(attention.split_heads(xn @ params[w].astype(xn.dtype), cfg.num_heads)
+                 for w in ("wq", "wk", "wv"))
+
+
+def mha_core(params: dict, xn: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+             cfg: ModelConfig) -> jax.Array:
+    """Causal segment-local multi-head attention: xn (B,T,D), positions/segment_ids (B,T)."""
+    q, k, v = mha_qkv(params, xn, cfg)
+    if cfg.rope == "rope1d":
+        q, k = attention.rope(q, positions, cfg.rope_base), attention.rope(k, positions,
+                                                                          cfg.rope_base)
+    slots = jnp.broadcast_to(jnp.arange(xn.shape[1]), xn.shape[:2])
+    mask = attention.attention_mask(slots, slots, segment_ids, segment_ids)
+    o = attention.dot_product_attention(q, k, v, mask)
+    return o.reshape(*o.shape[:2], -1) @ params["o_proj"].astype(o.dtype)
+
+
+def init_swiglu(key: jax.Array, cfg: ModelConfig) -> dict:
+    """w_gate, w_up (D, F) and w_down (F, D) with F = ``cfg.swiglu_width``."""
+    kg, ku, kd = jax.random.split(key, 3)
+    d, f = cfg.hidden, cfg.swiglu_width
+    return {"w_gate": _linear(kg, d, f), "w_up": _linear(ku, d, f), "w_down": _linear(kd, f, d)}
+
+
+def swiglu(params: dict, u: jax.Array) -> jax.Array:
+    """``(silu(u W_gate) * (u W_up)) W_down``: u (..., D) -> (..., D)."""
+    dt = u.dtype
+    h = jax.nn.silu(u @ params["w_gate"].astype(dt)) * (u @ params["w_up"].astype(dt))
+    return h @ params["w_down"].astype(dt)
+
+
+def mha_sublayer(block: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cfg: ModelConfig, remat: Callable) -> jax.Array:
+    """``x + MHA(LN1 x)``: x (B,T,D). ``remat(fn)`` applies the configured checkpoint policy
+    (nothing here is a routing decision, so the whole core may be recomputed)."""
+    xn = layer_norm(block["ln1"], x, cfg.ln_eps)
+    core = remat(functools.partial(mha_core, cfg=cfg))
+    return x + core(block["attn"], xn, positions, segment_ids).astype(x.dtype)
+
+
+def swiglu_sublayer(block: dict, x: jax.Array, cfg: ModelConfig, remat: Callable) -> jax.Array:
+    """``x + SwiGLU(LN2 x)``: x (B,T,D)."""
+    u = layer_norm(block["ln2"], x, cfg.ln_eps)
+    return x + remat(swiglu)(block["ffn"], u).astype(x.dtype)
+
+
+
+def routed_sites(cfg: ModelConfig) -> tuple[str, ...]:
+    """Expert call sites that exist under ``cfg`` (``ModelConfig.routed_sites``)."""
+    return cfg.routed_sites
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of ``transformer.init_params(cfg)``, from shapes only (nothing allocated)."""
+    from tinyonn_jax.model import transformer  # transformer -> recursion -> dense at import
+
+    shapes = jax.eval_shape(lambda k: transformer.init_params(k, cfg), jax.random.key(0))
+    return transformer.count_params(shapes)
+
+
+def _hidden_candidates(cfg: ModelConfig) -> list[int]:
+    """Hidden widths keeping ``num_heads`` with an (even, for RoPE) integer head width."""
+    step = cfg.num_heads * (2 if cfg.rope == "rope1d" else 1)
+    return list(range(step, 4 * cfg.hidden + 1, step))
+
+
+def match_param_count(routed_cfg: ModelConfig, *, attn_kind: str = "mha",
+                      ffn_kind: str = "swiglu", tol: float = 0.05) -> ModelConfig:
+    """The dense twin of ``routed_cfg`` whose parameter count is within ``tol`` of it.
+
+    The twin keeps hidden width, heads, steps and every other setting. With a SwiGLU FFN only its
+    width moves (the count is affine in it, so it is solved exactly); without one (attention-only
+    models, or a routed FFN kept) the hidden width is searched instead (the count grows with it).
+    Raises ``ValueError`` when no setting comes within ``tol``.
+    """
+    target = param_count(routed_cfg)
+    twin = dataclasses.replace(routed_cfg, attn_kind=attn_kind, ffn_kind=ffn_kind,
+                               swiglu_hidden=1)
+    if twin.use_ffn and ffn_kind == "swiglu":
+        base = param_count(twin)  # width 1; each further unit adds 3 * hidden parameters
+        width = round((target - base) / (3 * twin.hidden)) + 1
+        if width >= 1:
+            twin = dataclasses.replace(twin, swiglu_hidden=width)
+    if abs(param_count(twin) / target - 1.0) > tol:
+        twin = _search_hidden(twin, target)
+    got = param_count(twin)
+    if abs(got / target - 1.0) > tol:
+        raise ValueError(f"no dense twin within {tol:.0%} of {target} parameters "
+                         f"(closest: {got} with hidden={twin.hidden})")
+    return twin
+
+
+def _search_hidden(twin: ModelConfig, target: int) -> ModelConfig:
+    """Bisection over hidden widths for the count closest to ``target`` (monotone in hidden)."""
+    cands = _hidden_candidates(twin)
+    cfg_of = lambda h: dataclasses.replace(twin, hidden=h)  # noqa: E731
+    lo, hi = 0, len(cands) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if param_count(cfg_of(cands[mid])) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    near = {cands[i] for i in (lo - 1, lo) if 0 <= i < len(cands)}
+    return min((cfg_of(h) for h in near), key=lambda c: abs(param_count(c) - target))

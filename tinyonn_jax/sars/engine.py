@@ -1,0 +1,125 @@
+"""One pass of SARS over the refinement steps: statistics, goodness, meta loss and its gradient.
+
+``lax.scan`` over steps: for each step the closed-form per-token statistics of every call site
+(``surprise``), the goodness, the meta loss of that step and its gradient with respect to the
+routing parameters, and running sums for the metrics. Nothing of size (S, tokens, experts) is
+kept beyond the forward residuals and probe cotangents the backward pass produced anyway, so
+the memory of a SARS step grows with the refinement steps only as fast as the main step's does.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.model import routing
+from tinyonn_jax.sars import losses, surprise
+
+
+class SarsResult(NamedTuple):
+    meta_loss: jax.Array  # scalar, mean over steps, sites and valid tokens
+    g_meta: dict  # params-shaped tree: meta-loss gradient on routing leaves, zeros elsewhere
+    metrics: dict  # scalars: sars/C_mean[/site], sars/O_mean, sars/goodness_{pos,neg,zero}
+
+
+def _router_leaves(params: dict, cfg: ModelConfig) -> dict:
+    """{site: {'proto': ..., 'gate': ...}} of every routed call site."""
+    return {site: {"proto": proto, "gate": gate}
+            for site, (proto, gate, *_) in losses.site_routers(params, cfg).items()}
+
+
+def _scatter_router_grads(params: dict, g: dict, cfg: ModelConfig) -> dict:
+    """Place per-site router gradients into a zero tree shaped like ``params``."""
+    out = jax.tree.map(jnp.zeros_like, params)
+    for site, leaves in g.items():
+        if site == "ffn":
+            out["block"]["ffn"]["proto"] = leaves["proto"]
+            out["block"]["ffn"]["gate"] = leaves["gate"]
+        else:
+            out["block"]["attn"][f"proto_{site}"] = leaves["proto"]
+            out["block"]["attn"][f"gate_{site}"] = leaves["gate"]
+    return out
+
+
+def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dict:
+    block = params["block"]
+    stats = {}
+    attn_sites = [c for c in ("q", "k", "v") if f"z_{c}" in x]
+    if attn_sites:
+        lib = block["attn"]["library"]
+        if cfg.attn_dispatch == "sparse":
+            for c in attn_sites:
+                stats[c] = surprise.token_stats_sparse(lib, x["u_attn"], x[f"z_{c}"], x[f"g_{c}"],
+                                                       cfg.capacity_frac, importance)
+        else:
+            got = surprise.token_stats(lib, x["u_attn"], tuple(x[f"z_{c}"] for c in attn_sites),
+                                       tuple(x[f"g_{c}"] for c in attn_sites), importance)
+            stats.update(zip(attn_sites, got, strict=True))
+    if "z_ffn" in x:
+        bank = block["ffn"]["bank"]
+        if cfg.ffn_dispatch == "sparse":
+            stats["ffn"] = surprise.token_stats_sparse(bank, x["u_ffn"], x["z_ffn"], x["g_ffn"],
+                                                       cfg.capacity_frac, importance)
+        else:
+            stats["ffn"] = surprise.token_stats(bank, x["u_ffn"], (x["z_ffn"],), (x["g_ffn"],),
+                                                importance)[0]
+    return stats
+
+
+def sars_pass(params: dict, aux: dict, g_probes: dict, valid: jax.Array, cfg: ModelConfig,
+              importance: str, variant: str) -> SarsResult:
+    """Scan over refinement steps. aux/g_probes as returned by the forward and its vjp;
+    valid (B,T) marks real tokens."""
+    routers = losses.site_routers(params, cfg)
+    xs = {}
+    for site, (*_, u_key) in routers.items():
+        xs[u_key] = aux[u_key]
+        xs[f"z_{site}"] = aux[f"z_{site}"]
+        xs[f"g_{site}"] = g_probes[site]
+    leaves = _router_leaves(params, cfg)
+
+    def step_loss(lv, x, stats):
+        total = 0.0
+        for site, (_, _, mode, top_k, u_key) in routers.items():
+            r = routing.prototype_scores(jax.lax.stop_gradient(x[u_key]), lv[site]["proto"],
+                                         lv[site]["gate"])
+            per_tok = losses.site_meta_loss(r, stats[site], mode, top_k, variant)  # (B,T[,H])
+            w = jnp.broadcast_to(valid.reshape(*valid.shape, *([1] * (per_tok.ndim - 2))),
+                                 per_tok.shape)
+            total = total + jnp.sum(per_tok * w) / jnp.maximum(jnp.sum(w), 1.0)
+        return total / len(routers)
+
+    def body(carry, x):
+        loss_acc, grad_acc, sums = carry
+        stats = _step_stats(params, x, cfg, importance)
+        loss, grad = jax.value_and_grad(step_loss)(leaves, x, stats)
+        new = {}
+        for site, st in stats.items():
+            w = valid.reshape(*valid.shape, *([1] * (st.c.ndim - 2)))
+            active = (x[f"z_{site}"] > 0) * w
+            new[site] = jnp.stack([jnp.sum(st.c * active), jnp.sum(st.o * active),
+                                   jnp.sum((st.goodness > 0) * active),
+                                   jnp.sum((st.goodness < 0) * active), jnp.sum(active)])
+        sums = {k: sums[k] + new[k] for k in sums}
+        return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grad), sums), None
+
+    init = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, leaves),
+            {site: jnp.zeros((5,), jnp.float32) for site in routers})
+    (loss, grad, sums), _ = jax.lax.scan(body, init, xs)
+    steps = cfg.max_refinement_steps
+    loss, grad = loss / steps, jax.tree.map(lambda g: g / steps, grad)
+    m = {}
+    for site, (c, o, _, _, n) in sums.items():
+        m[f"sars/C_mean/{site}"] = c / jnp.maximum(n, 1.0)
+        m[f"sars/O_mean/{site}"] = o / jnp.maximum(n, 1.0)
+    tot = sum(sums.values())
+    n_act = jnp.maximum(tot[4], 1.0)
+    m["sars/C_mean"] = jnp.mean(jnp.stack([m[f"sars/C_mean/{s}"] for s in sums]))
+    m["sars/O_mean"] = jnp.mean(jnp.stack([m[f"sars/O_mean/{s}"] for s in sums]))
+    m["sars/goodness_pos"] = tot[2] / n_act
+    m["sars/goodness_neg"] = tot[3] / n_act
+    m["sars/goodness_zero"] = 1.0 - (tot[2] + tot[3]) / n_act
+    return SarsResult(meta_loss=loss, g_meta=_scatter_router_grads(params, grad, cfg), metrics=m)
