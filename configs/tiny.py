@@ -1,7 +1,13 @@
 """The CPU demo: a small DynTRM on the easiest real ARC-AGI-1 training tasks (a few minutes)."""
 
-from tinyonn_jax.config import (Config, DataConfig, ModelConfig, OptimizerConfig, SarsConfig,
-                                TrainConfig)
+from tinyonn_jax.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SarsConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> Config:

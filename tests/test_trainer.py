@@ -140,3 +140,23 @@ def test_sigkill_during_training_resumes_from_last_complete_checkpoint(tmp_path)
     assert np.isfinite(out["train/main_loss"])
     with Checkpointer(ckdir, read_only=True) as c:
         assert c.latest_step() == last + 2
+
+
+@pytest.mark.parametrize("name", ["tiny_spl", "tiny_dynmoe"])
+def test_other_families_train_with_the_program(tmp_path, name):
+    over = ["data.max_tasks=4", "data.max_len=256", "data.min_bucket=256", "data.batch_size=2",
+            "train.log_every=1", "train.plot_every=6", "train.ckpt_every=6",
+            "train.eval_every=6", "train.eval_tasks=1", "train.num_steps=6"]
+    if name == "tiny_dynmoe":
+        over += ["moe.lifecycle_period=2", "moe.lifecycle_window=2", "moe.init_experts=8"]
+    cfg = apply_overrides(trainer.load_config(ROOT / "configs" / f"{name}.py"), over)
+    out = trainer.run(cfg, tmp_path, quiet=True)
+    assert np.isfinite(out["train/main_loss"]) and "eval/token_acc" in out
+    assert (tmp_path / "logs" / "expert_dashboard_latest.png").stat().st_size > 10_000
+    assert (tmp_path / "checkpoints" / "6").is_dir()
+    state, _, restored_cfg = trainer.restore_train_state(tmp_path)
+    assert restored_cfg == cfg and int(state.step) == 6
+    if name == "tiny_dynmoe":
+        events = [json.loads(x) for x in
+                  (tmp_path / "logs" / "lifecycle.jsonl").read_text().splitlines()]
+        assert {e["kind"] for e in events} & {"add", "remove", "regenerate"}

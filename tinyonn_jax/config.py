@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-MODEL_FAMILIES = ("dyntrm",)
+MODEL_FAMILIES = ("dyntrm", "spl", "dynmoe")
 ROUTING_MODES = ("capr", "topk", "dense")
 ROPE_MODES = ("none", "rope1d")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -53,7 +53,7 @@ def _choice(section: str, obj: Any, name: str, choices: tuple[str, ...]) -> None
 class ModelConfig:
     """Architecture of DynTRM with DynSIHA+ attention and DynMoE feed-forward experts."""
 
-    family: str = "dyntrm"  # which model family the training program builds
+    family: str = "dyntrm"  # dyntrm (this section) | spl (section spl) | dynmoe (section moe)
     vocab_size: int = 18
     hidden: int = 512
     num_heads: int = 8
@@ -122,6 +122,14 @@ class ModelConfig:
         _check(isinstance(self.swiglu_hidden, int) and not isinstance(self.swiglu_hidden, bool)
                and self.swiglu_hidden >= 0, s, "swiglu_hidden", self.swiglu_hidden,
                "must be an integer >= 0 (0 = auto)")
+
+    @property
+    def routed_sites(self) -> tuple[str, ...]:
+        """Expert call sites that exist: q, k, v (DynSIHA+) and ffn (DynMoE)."""
+        sites = ("q", "k", "v") if self.attn_kind == "dynsiha" else ()
+        if self.use_ffn and self.ffn_kind == "dynmoe":
+            sites += ("ffn",)
+        return sites
 
     @property
     def head_dim(self) -> int:
@@ -258,9 +266,23 @@ class TrainConfig:
                "ema_decay", self.ema_decay, "must be in [0, 1) (0 = no EMA)")
 
 
+def _spl_config(**kw):
+    from tinyonn_jax.model.spl import SplConfig  # the family's own module; imported lazily
+
+    return SplConfig(**kw)
+
+
+def _moe_config(**kw):
+    from tinyonn_jax.model.smha import MoeConfig
+
+    return MoeConfig(**kw)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """The whole experiment."""
+    """The whole experiment. ``spl`` and ``moe`` configure the families of the same names
+    (``model.family``); their classes live beside their models (``model/spl.py``,
+    ``model/smha.py``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     sars: SarsConfig = field(default_factory=SarsConfig)
@@ -268,6 +290,8 @@ class Config:
     meta_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    spl: Any = field(default_factory=_spl_config)
+    moe: Any = field(default_factory=_moe_config)
 
     def replace_path(self, path: str, value: Any) -> Config:
         """Return a copy with ``section.key`` set to ``value`` (validated)."""
@@ -287,7 +311,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         kinds = {"model": ModelConfig, "sars": SarsConfig, "optim": OptimizerConfig,
-                 "meta_optim": OptimizerConfig, "data": DataConfig, "train": TrainConfig}
+                 "meta_optim": OptimizerConfig, "data": DataConfig, "train": TrainConfig,
+                 "spl": _spl_config, "moe": _moe_config}
         unknown = set(d) - set(kinds)
         if unknown:
             raise ValueError(f"unknown config sections {sorted(unknown)}")

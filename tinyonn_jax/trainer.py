@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import parallel
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
@@ -30,7 +31,7 @@ from tinyonn_jax.data.batching import BatchStream, pack_sequences
 from tinyonn_jax.data.curriculum import order_by_difficulty, warmup_count
 from tinyonn_jax.data.tasks import Task, load_tasks
 from tinyonn_jax.data.tokenizer import serialize_task
-from tinyonn_jax.families import Family, get_family
+from tinyonn_jax.families import Family, get_family, usage_rows
 from tinyonn_jax.observe import dashboards
 from tinyonn_jax.observe.progress import Progress
 from tinyonn_jax.observe.writer import MetricsWriter, load_history
@@ -133,13 +134,13 @@ def _split_metrics(m: dict) -> tuple[dict, dict]:
     return scalars, vectors
 
 
-def evaluate_held_out(family: Family, params, batches: list[dict], cfg: Config, logits_fn) -> dict:
+def evaluate_held_out(state, params, batches: list[dict], eval_fn) -> dict:
     """Teacher-forced loss / token accuracy / exact match on held-out task test outputs."""
     if not batches:
         return {}
     tot = {"eval/main_loss": 0.0, "eval/token_acc": 0.0, "eval/exact_acc": 0.0}
     for b in batches:
-        m = jax.device_get(logits_fn(params, b))
+        m = jax.device_get(eval_fn(state, params, b))
         for k in tot:
             tot[k] += float(m[k]) / len(batches)
     return tot
@@ -148,9 +149,9 @@ def evaluate_held_out(family: Family, params, batches: list[dict], cfg: Config, 
 def _eval_metrics(family: Family, cfg: Config):
     from tinyonn_jax import loss as task_loss
 
-    def fn(params, batch):
-        logits = family.logits(params, batch["inputs"], cfg, positions=batch["positions"],
-                               segment_ids=batch["segment_ids"])
+    def fn(state, params, batch):
+        logits = family.logits(state, params, batch["inputs"], cfg,
+                               positions=batch["positions"], segment_ids=batch["segment_ids"])
         w = batch["weights"]
         correct = task_loss.token_correct(logits, batch["targets"])
         return {"eval/main_loss": task_loss.cross_entropy(logits, batch["targets"], w),
@@ -241,22 +242,29 @@ def run(cfg: Config, workdir: str | Path, *, resume: bool = False, devices=None,
                 scalars["data/padding_waste"] = feed.stream.padding_waste
                 scalars["data/skipped_sequences"] = feed.skipped
                 scalars["data/bad_task_files"] = bad_files
-                scalars["experts/num_experts"] = float(sum(pools.values()))
+                if pools:
+                    scalars.setdefault("experts/num_experts", float(sum(pools.values())))
                 if cfg.train.eval_every and eval_batches and done % cfg.train.eval_every == 0:
-                    scalars.update(evaluate_held_out(family, state.params, eval_batches, cfg,
-                                                     eval_fn))
+                    # The EMA of the parameters when train.ema_decay > 0, else the params.
+                    scalars.update(evaluate_held_out(state, ema_lib.eval_params(state),
+                                                     eval_batches, eval_fn))
                 last = writer.scalars(done, scalars)
-                expert_log.record(done, {k.removeprefix("experts/usage_"): v
-                                         for k, v in vectors.items()
-                                         if k.startswith("experts/usage_")})
+                usage, live = (family.expert_rows or usage_rows)(vectors)
+                if usage:
+                    expert_log.record(done, usage, live=live)
                 progress.update(done, last, tokens=tokens_since)
                 tokens_since, t_last, steps_since = 0.0, now, 0
             else:
                 progress.update(done)
             if family.maintain is not None:
                 state, events = family.maintain(state, cfg, done)
-                for ev in events:
-                    expert_log.event(*ev)
+                for ev_step, kind, expert_id, site in events:
+                    expert_log.event(ev_step, kind, expert_id, site=site)
+                if events and primary:
+                    with open(logdir / "lifecycle.jsonl", "a", encoding="utf-8") as f:
+                        for ev_step, kind, expert_id, site in events:
+                            f.write(json.dumps({"step": int(ev_step), "kind": kind,
+                                                "expert": int(expert_id), "site": site}) + "\n")
             if primary and (done % cfg.train.plot_every == 0 or done == cfg.train.num_steps):
                 dashboards.plot_core_metrics(writer.history, logdir)
                 if expert_log.sites:

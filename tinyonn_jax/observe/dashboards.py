@@ -63,7 +63,8 @@ CORE_PANELS: tuple[Panel, ...] = (
           right_ylabel="tau (output entropy)"),
     Panel("Routing: avg_k per site", ("route/avg_k*", "route/k/*"), "active experts per token"),
     Panel("Expert dynamics", ("*num_experts*", "experts/*"), "experts",
-          right=("route/active_frac*",), right_ylabel="active fraction", smooth=False),
+          right=("route/active_frac*", "spl/activation_rate/*"), right_ylabel="active fraction",
+          smooth=False),
 )
 
 
