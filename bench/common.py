@@ -29,3 +29,27 @@ def emit(record: dict) -> None:
     """Print one JSON line (the machine-readable result) and flush."""
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v)
                       for k, v in record.items()}), flush=True)
+
+
+def random_batch(batch: int, length: int, seed: int = 1) -> dict:
+    """A full, unpacked batch of colour tokens (B, T): the shapes of a real training batch."""
+    import jax.numpy as jnp
+
+    toks = jax.random.randint(jax.random.key(seed), (batch, length + 1), 8, 18)
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+            "weights": jnp.ones((batch, length), jnp.float32),
+            "segment_ids": jnp.ones((batch, length), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))}
+
+
+def compiled_step(cfg, batch: dict, donate: bool = False):
+    """(jitted step, initial state, compiled executable, compile seconds) of the DynTRM family."""
+    from tinyonn_jax import optim
+    from tinyonn_jax import step as st
+
+    opt = optim.build_optimizer(cfg, st.tr.init_params(jax.random.key(0), cfg.model))
+    state = st.init_state(cfg, opt, jax.random.key(0))
+    fn = st.make_train_step(cfg, opt, donate=donate)
+    t = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    return fn, state, compiled, time.perf_counter() - t

@@ -1,0 +1,51 @@
+"""Training throughput (tokens/s) and the fraction of this machine's matmul peak it reaches.
+
+The peak is measured in the same run: the best of several large float32 matmuls (2048^3) under
+``jax.jit``. Model FLOPs per step come from XLA's cost analysis of the compiled train step.
+One JSON line per config (tiny, then default):
+  {"config": ..., "tokens_per_s": ..., "model_gflops_per_s": ..., "peak_gflops_per_s": ...,
+   "fraction_of_peak": ...}
+Usage: python bench/throughput.py [--seq-len 512] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from common import compiled_step, emit, random_batch, time_fn
+
+from tinyonn_jax.config import Config
+from tinyonn_jax.trainer import load_config
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best observed float32 matmul rate in FLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    best = min(time_fn(f, a, b, reps=1) for _ in range(reps))
+    return 2.0 * n**3 / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--reps", type=int, default=3)
+    a = p.parse_args()
+    peak = matmul_peak()
+    tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    batch = random_batch(1, a.seq_len)
+    for name, cfg in (("tiny", tiny), ("default", Config())):
+        fn, state, compiled, _ = compiled_step(cfg, batch)
+        flops = float(compiled.cost_analysis().get("flops", 0.0))
+        step_s = time_fn(lambda s, f=compiled: f(s, batch)[1]["train/loss"], state, reps=a.reps)
+        emit({"config": name, "seq_len": a.seq_len, "step_s": step_s,
+              "tokens_per_s": a.seq_len / step_s, "model_gflops_per_s": flops / step_s / 1e9,
+              "peak_gflops_per_s": peak / 1e9, "fraction_of_peak": flops / step_s / peak})
+
+
+if __name__ == "__main__":
+    main()
