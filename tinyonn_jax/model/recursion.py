@@ -1,8 +1,8 @@
 """DynTRM: one shared pre-norm block applied for N refinement steps with ``lax.scan``.
 
-Block: ``x += attn(LN1 x); x += ffn(LN2 x)``. Routing (LayerNorm + prototype scores + the hard
-decision) runs outside the optional ``jax.checkpoint``; only the deterministic expert and attention
-compute is rematerialised, so a recomputation can never flip a routing decision (seed 002).
+Block: ``x += attn(LN1 x); x += ffn(LN2 x)``. With ``model.remat`` the whole step is
+rematerialised except the routing weights and decisions, which are saved (``remat_body``): the
+backward pass reuses the forward's decisions, so a recomputation can never flip one (seed 002).
 
 The ACT halting head reads the mean of the normalised hidden state over a row's valid tokens and
 emits (q_halt, q_continue) per refinement step. Training runs all steps; inference may stop each
@@ -12,7 +12,6 @@ the ``while_loop`` ends when every row has halted.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -61,14 +60,26 @@ def init_halting(cfg: ModelConfig) -> dict:
     return {"w": jnp.zeros((cfg.hidden, 2), jnp.float32), "b": jnp.array([-5.0, 0.0], jnp.float32)}
 
 
-def remat(fn, policy: str):
-    """Wrap ``fn`` in ``jax.checkpoint`` according to the configured policy."""
+ROUTING_NAME = "routing"  # checkpoint name of routing weights and decisions
+
+
+def remat_body(fn, policy: str):
+    """Rematerialise a whole refinement step, except its routing.
+
+    Routing weights and masks are tagged ``ROUTING_NAME`` (``model.routing.route``); every
+    policy saves them, so the backward pass reuses the forward's decisions and a recomputation
+    (in bf16, with another fusion) can never flip a ``> 0`` decision (seed 002's inner/outer
+    checkpointing). ``full`` saves nothing else; ``save_dots`` also keeps matmul results.
+    """
     if policy == "none":
         return fn
+    keep = jax.checkpoint_policies.save_only_these_names(ROUTING_NAME)
     if policy == "full":
-        return jax.checkpoint(fn)
+        return jax.checkpoint(fn, policy=keep, prevent_cse=False)
     if policy == "save_dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.checkpoint_dots)
+        both = jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.checkpoint_dots, keep)
+        return jax.checkpoint(fn, policy=both, prevent_cse=False)
     raise ValueError(f"unknown remat policy {policy!r}")
 
 
@@ -78,22 +89,25 @@ def halting_logits(params: dict, h: jax.Array, valid: jax.Array) -> jax.Array:
     return pooled.astype(jnp.float32) @ params["w"] + params["b"]
 
 
+def _no_remat(fn):
+    return fn  # the whole step is rematerialised by ``remat_body``, not its parts
+
+
 def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
                cfg: ModelConfig) -> tuple[jax.Array, dict]:
     """One refinement step. x (B,T,D) -> (x, residuals of every expert call site)."""
     dt = x.dtype
     # Dense baselines (model/dense.py) have no call site: no u/z/k residuals, no probes.
-    policy = functools.partial(remat, policy=cfg.remat)
     res = {}
     if cfg.attn_kind == "mha":
-        x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg, policy)
+        x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg, _no_remat)
     else:
         u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
         routes = attention.route_attention(block["attn"], u, cfg)
         z = {c: r.z for c, r in routes.items()}
         attn_probes = None if probes is None else {c: probes[c] for c in attention.QKV}
-        core = remat(functools.partial(attention.attention_core, cfg=cfg), cfg.remat)
-        x = x + core(block["attn"], u, z, attn_probes, ctx.positions, ctx.segment_ids).astype(dt)
+        x = x + attention.attention_core(block["attn"], u, z, attn_probes, ctx.positions,
+                                         ctx.segment_ids, cfg).astype(dt)
         res = {"u_attn": u}
         cap = experts.capacity(u.size // u.shape[-1], cfg.capacity_frac)
         for c, r in routes.items():
@@ -101,13 +115,12 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
             if cfg.attn_dispatch == "sparse":
                 res[f"overflow_{c}"] = experts.overflow_count(r.z > 0, cap)
     if cfg.use_ffn and cfg.ffn_kind == "swiglu":
-        x = dense.swiglu_sublayer(block, x, cfg, policy)
+        x = dense.swiglu_sublayer(block, x, cfg, _no_remat)
     elif cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
         rf = moe.route_moe(block["ffn"], uf, cfg)
-        ffn = remat(functools.partial(moe.moe_core, dispatch=cfg.ffn_dispatch,
-                                      capacity_frac=cfg.capacity_frac), cfg.remat)
-        x = x + ffn(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"]).astype(dt)
+        x = x + moe.moe_core(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"],
+                             cfg.ffn_dispatch, cfg.capacity_frac).astype(dt)
         res.update(u_ffn=uf, z_ffn=rf.z, k_ffn=rf.k)
         if cfg.ffn_dispatch == "sparse":
             cap_f = experts.capacity(uf.size // uf.shape[-1], cfg.capacity_frac)
@@ -131,7 +144,7 @@ def refine(params: dict, x: jax.Array, ctx: Context, cfg: ModelConfig,
         res["hidden"] = x
         return x, res
 
-    return jax.lax.scan(body, x, probes, length=cfg.max_refinement_steps)
+    return jax.lax.scan(remat_body(body, cfg.remat), x, probes, length=cfg.max_refinement_steps)
 
 
 def refine_adaptive(params: dict, x: jax.Array, ctx: Context, cfg: ModelConfig,

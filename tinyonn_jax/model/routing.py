@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 class Route(NamedTuple):
@@ -74,6 +75,7 @@ def weights(scores: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
 def route(u: jax.Array, proto: jax.Array, gate: jax.Array, mode: str, top_k: int) -> Route:
     """Route expert inputs u (..., d) over P experts -> Route with z, mask, k of shape (..., P)."""
     scores = prototype_scores(u, proto, gate)
-    mask = decide(scores, mode, top_k)
-    z = weights(scores, mask, mode)
+    # Tagged so that a rematerialised step reuses the forward's decisions (model/recursion.py).
+    mask = checkpoint_name(decide(scores, mode, top_k), "routing")
+    z = checkpoint_name(weights(scores, mask, mode), "routing")
     return Route(scores=scores, mask=mask, z=z, k=jnp.sum(mask, axis=-1, dtype=jnp.int32))
