@@ -26,6 +26,15 @@ def row_exact(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.
     return jnp.all(ok, axis=-1)
 
 
+def eval_metrics(logits: jax.Array, batch: dict) -> dict:
+    """Teacher-forced ``eval/main_loss``, ``eval/token_acc``, ``eval/exact_acc`` of a batch."""
+    t, w = batch["targets"], batch["weights"]
+    correct = token_correct(logits, t)
+    return {"eval/main_loss": cross_entropy(logits, t, w),
+            "eval/token_acc": jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1.0),
+            "eval/exact_acc": jnp.mean(row_exact(logits, t, w))}
+
+
 def act_loss(halt_logits: jax.Array, step_logits: jax.Array, targets: jax.Array,
              weights: jax.Array) -> jax.Array:
     """BCE of ``q_halt - q_continue`` against "this step's prediction is exactly right" (TRM).

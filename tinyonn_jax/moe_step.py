@@ -237,9 +237,4 @@ def moe_eval_step(params: dict, pool: lifecycle.PoolState, batch: Batch,
     """Loss and accuracies without any update (teacher forcing)."""
     logits = moe_logits(params, pool, batch["inputs"], cfg, positions=batch["positions"],
                         segment_ids=batch["segment_ids"])
-    w = batch["weights"]
-    return {
-        "eval/main_loss": task_loss.cross_entropy(logits, batch["targets"], w),
-        "eval/token_acc": _masked_mean(task_loss.token_correct(logits, batch["targets"]), w),
-        "eval/exact_acc": jnp.mean(task_loss.row_exact(logits, batch["targets"], w)),
-    }
+    return task_loss.eval_metrics(logits, batch)

@@ -171,9 +171,4 @@ def spl_eval_step(params: dict, batch: Batch, cfg: SplConfig) -> dict:
     """Teacher-forced loss and accuracies without any update (no M-SAPS statistics)."""
     logits, _ = spl_forward(params, batch["inputs"], cfg, positions=batch["positions"],
                             segment_ids=batch["segment_ids"], with_stats=False)
-    w = batch["weights"]
-    return {
-        "eval/main_loss": task_loss.cross_entropy(logits, batch["targets"], w),
-        "eval/token_acc": _masked_mean(task_loss.token_correct(logits, batch["targets"]), w),
-        "eval/exact_acc": jnp.mean(task_loss.row_exact(logits, batch["targets"], w)),
-    }
+    return task_loss.eval_metrics(logits, batch)

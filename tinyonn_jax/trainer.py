@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tinyonn_jax import ema as ema_lib
+from tinyonn_jax import loss as task_loss
 from tinyonn_jax import parallel
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
@@ -147,16 +147,10 @@ def evaluate_held_out(state, params, batches: list[dict], eval_fn) -> dict:
 
 
 def _eval_metrics(family: Family, cfg: Config):
-    from tinyonn_jax import loss as task_loss
-
     def fn(state, params, batch):
         logits = family.logits(state, params, batch["inputs"], cfg,
                                positions=batch["positions"], segment_ids=batch["segment_ids"])
-        w = batch["weights"]
-        correct = task_loss.token_correct(logits, batch["targets"])
-        return {"eval/main_loss": task_loss.cross_entropy(logits, batch["targets"], w),
-                "eval/token_acc": jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1.0),
-                "eval/exact_acc": jnp.mean(task_loss.row_exact(logits, batch["targets"], w))}
+        return task_loss.eval_metrics(logits, batch)
 
     return jax.jit(fn)
 
