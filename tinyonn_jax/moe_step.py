@@ -230,11 +230,3 @@ def moe_logits(params: dict, pool: lifecycle.PoolState, tokens: jax.Array, cfg: 
     """Evaluation forward: live experts of the pool, evaluation-time fallback. -> (B,T,V)."""
     return smha.moe_forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
                             live=pool.live, training=False)[0]
-
-
-def moe_eval_step(params: dict, pool: lifecycle.PoolState, batch: Batch,
-                  cfg: MoeConfig) -> dict:
-    """Loss and accuracies without any update (teacher forcing)."""
-    logits = moe_logits(params, pool, batch["inputs"], cfg, positions=batch["positions"],
-                        segment_ids=batch["segment_ids"])
-    return task_loss.eval_metrics(logits, batch)

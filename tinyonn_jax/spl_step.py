@@ -165,10 +165,3 @@ def make_spl_train_step(cfg: SplConfig, optimizer: optax.GradientTransformation,
     """``jax.jit`` of ``spl_train_step`` with the state donated."""
     fn = lambda state, batch: spl_train_step(state, batch, cfg=cfg, optimizer=optimizer)  # noqa: E731
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
-
-
-def spl_eval_step(params: dict, batch: Batch, cfg: SplConfig) -> dict:
-    """Teacher-forced loss and accuracies without any update (no M-SAPS statistics)."""
-    logits, _ = spl_forward(params, batch["inputs"], cfg, positions=batch["positions"],
-                            segment_ids=batch["segment_ids"], with_stats=False)
-    return task_loss.eval_metrics(logits, batch)

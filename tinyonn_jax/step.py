@@ -208,10 +208,3 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation, *,
     if in_shardings is not None:
         kwargs.update(in_shardings=in_shardings, out_shardings=out_shardings)
     return jax.jit(fn, donate_argnums=(0,) if donate else (), **kwargs)
-
-
-def eval_step(params: dict, batch: Batch, cfg: Config) -> dict:
-    """Loss and accuracies without any update (teacher forcing)."""
-    logits, _ = tr.forward(params, batch["inputs"], cfg.model, positions=batch["positions"],
-                           segment_ids=batch["segment_ids"])
-    return task_loss.eval_metrics(logits, batch)

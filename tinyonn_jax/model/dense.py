@@ -16,8 +16,6 @@ that its parameter count is within 5% of a routed model's.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,18 +72,17 @@ def swiglu(params: dict, u: jax.Array) -> jax.Array:
 
 
 def mha_sublayer(block: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cfg: ModelConfig, remat: Callable) -> jax.Array:
-    """``x + MHA(LN1 x)``: x (B,T,D). ``remat(fn)`` applies the configured checkpoint policy
-    (nothing here is a routing decision, so the whole core may be recomputed)."""
+                 cfg: ModelConfig) -> jax.Array:
+    """``x + MHA(LN1 x)``: x (B,T,D). Rematerialisation is applied to the whole refinement step
+    (``recursion.remat_body``)."""
     xn = layer_norm(block["ln1"], x, cfg.ln_eps)
-    core = remat(functools.partial(mha_core, cfg=cfg))
-    return x + core(block["attn"], xn, positions, segment_ids).astype(x.dtype)
+    return x + mha_core(block["attn"], xn, positions, segment_ids, cfg).astype(x.dtype)
 
 
-def swiglu_sublayer(block: dict, x: jax.Array, cfg: ModelConfig, remat: Callable) -> jax.Array:
+def swiglu_sublayer(block: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """``x + SwiGLU(LN2 x)``: x (B,T,D)."""
     u = layer_norm(block["ln2"], x, cfg.ln_eps)
-    return x + remat(swiglu)(block["ffn"], u).astype(x.dtype)
+    return x + swiglu(block["ffn"], u).astype(x.dtype)
 
 
 

@@ -89,10 +89,6 @@ def halting_logits(params: dict, h: jax.Array, valid: jax.Array) -> jax.Array:
     return pooled.astype(jnp.float32) @ params["w"] + params["b"]
 
 
-def _no_remat(fn):
-    return fn  # the whole step is rematerialised by ``remat_body``, not its parts
-
-
 def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
                cfg: ModelConfig) -> tuple[jax.Array, dict]:
     """One refinement step. x (B,T,D) -> (x, residuals of every expert call site)."""
@@ -100,7 +96,7 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
     # Dense baselines (model/dense.py) have no call site: no u/z/k residuals, no probes.
     res = {}
     if cfg.attn_kind == "mha":
-        x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg, _no_remat)
+        x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg)
     else:
         u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
         routes = attention.route_attention(block["attn"], u, cfg)
@@ -115,7 +111,7 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
             if cfg.attn_dispatch == "sparse":
                 res[f"overflow_{c}"] = experts.overflow_count(r.z > 0, cap)
     if cfg.use_ffn and cfg.ffn_kind == "swiglu":
-        x = dense.swiglu_sublayer(block, x, cfg, _no_remat)
+        x = dense.swiglu_sublayer(block, x, cfg)
     elif cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
         rf = moe.route_moe(block["ffn"], uf, cfg)
