@@ -12,6 +12,10 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tinyonn_jax.runtime import configure_xla_cpu  # noqa: E402
+
+configure_xla_cpu()  # before any benchmark starts a JAX backend
+
 
 def time_fn(fn, *args, reps: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn(*args)`` in seconds, blocking on the result, compile excluded."""

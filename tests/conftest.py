@@ -1,7 +1,11 @@
-import jax
-import pytest
+from tinyonn_jax.runtime import configure_xla_cpu
 
-from tinyonn_jax.config import ModelConfig
+configure_xla_cpu()  # before any test starts a JAX backend
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from tinyonn_jax.config import ModelConfig  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

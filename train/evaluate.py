@@ -30,6 +30,7 @@ from tinyonn_jax.data.tasks import load_tasks
 from tinyonn_jax.eval.evaluate import EvalAggregate, EvalTestReport, evaluate_tasks
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
 from tinyonn_jax.model import transformer
+from tinyonn_jax.runtime import configure_xla_cpu
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,6 +131,7 @@ def _table(reports: list[EvalTestReport], agg: EvalAggregate) -> tuple[Table, Ta
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tinyonn-eval``; returns 0, raises ``SystemExit`` with a message on error."""
     args = parse_args(argv)
+    configure_xla_cpu()  # before JAX starts its backends
     if args.views < 1 or args.batch_size < 1 or args.max_tasks < 0 or args.max_new_tokens < 1:
         raise SystemExit("tinyonn-eval: --views, --batch-size and --max-new-tokens must be >= 1 "
                          "and --max-tasks >= 0")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from tinyonn_jax.config import apply_overrides
+from tinyonn_jax.runtime import configure_xla_cpu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,6 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_xla_cpu()  # before JAX starts its backends
     from tinyonn_jax import trainer  # imported late so --help does not start JAX
 
     try:
