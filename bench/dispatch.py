@@ -6,10 +6,11 @@ The FFN gates are set per expert to the (1 - rate) quantile of its routing score
 so each expert is active for about ``rate`` of the tokens; sparse capacity = 1.5 * rate of the
 tokens. Attention stays dense (its routing is untouched). One JSON line per rate:
   {"active_frac": r, "dense_s": ..., "sparse_s": ..., "speedup": dense/sparse, "overflow": ...}
-A second line per rate isolates the FFN expert layer itself (forward + backward through the
-bank of 16 experts, the same 512 -> 2048 -> 512 shapes, 2048 tokens): there the gates make every
-expert take exactly ``rate`` of the tokens, the capacity fits, nothing overflows, and the ratio
-is the pure cost of dense vs grouped dispatch:
+A second line per rate isolates the FFN experts' share of a SARS train step: forward, backward
+and the per-token, per-expert SARS statistics (C, O, goodness) of the bank of 16 experts, at the
+same 512 -> 2048 -> 512 shapes and 2048 tokens. There the gates make every expert take exactly
+``rate`` of the tokens, the capacity fits, nothing overflows, and the ratio is the pure cost of
+dense vs grouped dispatch:
   {"layer": "ffn_experts", "active_frac": r, "dense_s": ..., "sparse_s": ..., "speedup": ...}
 Usage: python bench/dispatch.py [--seq-len 512] [--reps 2] [--layer-only]
 """
@@ -26,6 +27,7 @@ from common import compiled_step, emit, random_batch, time_fn
 from tinyonn_jax.config import Config, ModelConfig
 from tinyonn_jax.model import experts, routing
 from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.sars import surprise
 
 
 def gates_for_rate(cfg: Config, params: dict, batch: dict, rate: float) -> jax.Array:
@@ -45,7 +47,7 @@ def gates_for_rate(cfg: Config, params: dict, batch: dict, rate: float) -> jax.A
 
 
 def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
-    """Forward + backward of the FFN expert bank alone, dense vs sparse, no overflow."""
+    """Forward, backward and SARS statistics of the FFN expert bank alone, dense vs sparse."""
     cfg = ModelConfig()
     bank = experts.init_bank(jax.random.key(0), cfg.num_ffn_experts, cfg.hidden, cfg.ffn_hidden,
                              cfg.hidden)
@@ -56,12 +58,20 @@ def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
     kth = jnp.sort(scores, axis=0)[tokens - k]  # every expert: exactly k tokens at or above
     z = jax.nn.relu(scores - kth + 1e-6)
     out = {"layer": "ffn_experts", "active_frac": rate, "tokens": tokens}
+    frac = k / tokens
     for mode in ("dense", "sparse"):
-        def loss(b, x, m=mode):
-            return jnp.sum(experts.apply(b, x, z, m, k / tokens) ** 2)
+        def step(b, x, m=mode):  # L = sum(A^2): g = dL/dA = 2A
+            a, vjp = jax.vjp(lambda b, x: experts.apply(b, x, z, m, frac), b, x)
+            g = 2.0 * a
+            grads = vjp(g)
+            if m == "sparse":
+                st = surprise.token_stats_sparse(b, x, z, g, frac, "attribution")
+            else:
+                st = surprise.token_stats(b, x, (z,), (g,), "attribution")[0]
+            return grads, st.goodness
 
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        out[f"{mode}_s"] = time_fn(lambda b, x, g=grad: g(b, x), bank, u, reps=reps)
+        fn = jax.jit(step)
+        out[f"{mode}_s"] = time_fn(fn, bank, u, reps=reps)
     out["speedup"] = out["dense_s"] / out["sparse_s"]
     out["overflow"] = int(experts.overflow_count(z > 0, k))
     return out
