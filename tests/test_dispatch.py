@@ -82,16 +82,55 @@ def test_sparse_model_equals_dense_forward_grads_and_sars(routing):
     assert all(int(auxs[f"overflow_{s}"].sum()) == 0 for s in ("q", "k", "v", "ffn"))
 
 
+def _kept_by_union(masks, cap):
+    """Brute force: per expert, the first ``cap`` rows active in any mask are evaluated."""
+    union = np.any(np.stack([np.asarray(m) for m in masks]), axis=0)
+    kept = np.zeros_like(union)
+    for p in range(union.shape[1]):
+        kept[np.flatnonzero(union[:, p])[:cap], p] = True
+    return kept
+
+
+def test_shared_dispatch_evaluates_the_union_once():
+    bank = experts.init_bank(jax.random.key(0), 5, 4, 6, 3)
+    u = jax.random.normal(jax.random.key(1), (21, 4))
+    zs = tuple(jax.nn.relu(jax.random.normal(jax.random.key(2 + i), (21, 5)) - 0.3)
+               for i in range(3))
+    for frac in (1.0, 3 / 21):  # everything fits / later rows of the union dropped
+        cap = experts.capacity(21, frac)
+        kept = jnp.asarray(_kept_by_union([z > 0 for z in zs], cap))
+        got = experts.apply_sparse_shared(bank, u, zs, frac)
+        for z, g in zip(zs, got, strict=True):
+            want = experts.apply_dense(bank, u, z * kept)
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+            dropped = int(np.sum(np.asarray(z > 0) & ~np.asarray(kept)))
+            union = experts.union_mask([zz > 0 for zz in zs])
+            assert int(experts.dropped_count(z > 0, union, cap)) == dropped
+        # SARS statistics of the shared dispatch == dense statistics with dropped pairs removed.
+        gs = tuple(jax.random.normal(jax.random.key(9 + i), (21, 3)) for i in range(3))
+        sparse = surprise.token_stats_sparse_shared(bank, u, zs, gs, frac, "attribution")
+        dense = surprise.token_stats(bank, u, tuple(z * kept for z in zs), gs, "attribution")
+        for a, b in zip(sparse, dense, strict=True):
+            for name in ("c", "c_w1", "c_w2", "o", "goodness"):
+                np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-5,
+                                           atol=1e-6)
+    mask = zs[0] > 0  # a single site: dropped pairs == overflow
+    assert int(experts.dropped_count(mask, mask, 2)) == int(experts.overflow_count(mask, 2))
+
+
 def test_overflow_is_counted():
     _, sparse = _cfgs()
     cfg = dataclasses.replace(sparse, capacity_frac=0.1)
     params = tr.init_params(jax.random.key(0), cfg)
     toks = jax.random.randint(jax.random.key(1), (B, T), 0, 18)
     _, aux = tr.forward(params, toks, cfg)
-    for site in ("q", "ffn"):
+    for site, sharing in (("q", ("q", "k", "v")), ("v", ("q", "k", "v")), ("ffn", ("ffn",))):
         z = aux[f"z_{site}"]
+        flat = lambda x: np.asarray(x).reshape(-1, x.shape[-1]) > 0  # noqa: E731
         n = z[0].size // z.shape[-1]
-        want = [int(experts.overflow_count(z[s] > 0, experts.capacity(n, 0.1)))
+        cap = experts.capacity(n, 0.1)
+        want = [int(np.sum(flat(z[s]) & ~_kept_by_union([flat(aux[f"z_{c}"][s])
+                                                          for c in sharing], cap)))
                 for s in range(cfg.max_refinement_steps)]
         np.testing.assert_array_equal(aux[f"overflow_{site}"], want)
         assert sum(want) > 0

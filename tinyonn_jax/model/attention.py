@@ -79,18 +79,17 @@ def compose_qkv(params: dict, u: jax.Array, z: dict[str, jax.Array],
                 capacity_frac: float = 1.0) -> dict[str, jax.Array]:
     """q, k, v (B,T,H,Dh) = sum_p z_c,p E_p(u) (+ zero probe).
 
-    Dense: the library is evaluated once and weighted three times. Sparse: each of q, k, v
-    dispatches only its active (token, head, expert) triples.
+    The library is evaluated once and weighted three times. Dense: on every (token, head,
+    expert); sparse: on the (token, head, expert) triples active for q, k or v, each once.
     """
-    y = experts.bank_outputs(params["library"], u) if dispatch == "dense" else None
-    out = {}
-    for c in QKV:  # three weightings of one library, not a loop over experts or heads
-        if y is None:
-            a = experts.apply_sparse(params["library"], u, z[c], capacity_frac)
-        else:
-            a = experts.combine(z[c], y)
-        out[c] = a if probes is None else a + probes[c].astype(a.dtype)
-    return out
+    if dispatch == "sparse":
+        outs = experts.apply_sparse_shared(params["library"], u, tuple(z[c] for c in QKV),
+                                           capacity_frac)
+    else:
+        y = experts.bank_outputs(params["library"], u)
+        outs = tuple(experts.combine(z[c], y) for c in QKV)  # three weightings, one library
+    return {c: a if probes is None else a + probes[c].astype(a.dtype)
+            for c, a in zip(QKV, outs, strict=True)}
 
 
 def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],

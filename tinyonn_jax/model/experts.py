@@ -7,6 +7,7 @@ narrow experts, the fastest layout on accelerators.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -74,6 +75,23 @@ def overflow_count(mask: jax.Array, cap: int) -> jax.Array:
     return jnp.sum(jnp.maximum(counts - cap, 0))
 
 
+def union_mask(masks) -> jax.Array:
+    """Pairs active in any of several masks of the same shape (one dispatch serves them all)."""
+    return functools.reduce(jnp.logical_or, masks)
+
+
+def dropped_count(mask: jax.Array, union: jax.Array, cap: int) -> jax.Array:
+    """Active pairs of ``mask`` that a dispatch of ``union`` (a superset) leaves out.
+
+    Queues fill in row order (``dispatch_indices``), so a pair is dropped when its row comes
+    after the first ``cap`` active rows of ``union`` for that expert. Equals
+    ``overflow_count(mask, cap)`` when ``union == mask``.
+    """
+    m = mask.reshape(-1, mask.shape[-1])
+    pos = jnp.cumsum(union.reshape(m.shape), axis=0, dtype=jnp.int32) - 1
+    return jnp.sum(m & (pos >= cap), dtype=jnp.int32)
+
+
 def gather_slots(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x (N, D) -> (P, C, D); empty slots read a zero row."""
     return jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[idx]
@@ -91,21 +109,36 @@ def scatter_rows(vals: jax.Array, idx: jax.Array, n: int) -> jax.Array:
     return out.at[idx.reshape(-1)].add(vals.reshape(-1, vals.shape[-1]))[:n]
 
 
+def apply_sparse_shared(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
+                        frac: float) -> tuple[jax.Array, ...]:
+    """``sum_p z_p E_p(u)`` for several weightings ``zs`` of one bank over the same inputs.
+
+    u (..., Din), each z (..., P) -> one (..., Dout) per z. A (row, expert) pair active in any z
+    is dispatched and evaluated once, then weighted by every z (the q, k and v compositions of
+    one latent-head library). Equals ``apply_dense`` per z when no expert receives more than
+    ``capacity(N, frac)`` rows of the union; beyond that, later rows are dropped for all z.
+    """
+    lead = u.shape[:-1]
+    u2 = u.reshape(-1, u.shape[-1])
+    z2s = [z.reshape(-1, z.shape[-1]) for z in zs]
+    n = u2.shape[0]
+    active = union_mask([jax.lax.stop_gradient(z) > 0 for z in z2s])
+    idx = dispatch_indices(active, capacity(n, frac))
+    xe = gather_slots(u2, idx)  # (P, C, Din)
+    h = jnp.einsum("pcd,pdf->pcf", xe, bank["w1"].astype(u.dtype))
+    y = jnp.einsum("pcf,pfo->pco", jax.nn.silu(h), bank["w2"].astype(u.dtype))
+    return tuple(
+        scatter_rows(slot_weights(z, idx).astype(y.dtype)[..., None] * y, idx, n).reshape(
+            *lead, y.shape[-1]) for z in z2s)
+
+
 def apply_sparse(bank: dict, u: jax.Array, z: jax.Array, frac: float) -> jax.Array:
     """``sum_p z_p E_p(u)`` over the active pairs only: u (..., Din), z (..., P) -> (..., Dout).
 
     The active set is ``z > 0`` (the routing contract); equals ``apply_dense`` when no expert
     receives more than ``capacity(N, frac)`` rows.
     """
-    lead = u.shape[:-1]
-    u2, z2 = u.reshape(-1, u.shape[-1]), z.reshape(-1, z.shape[-1])
-    n = u2.shape[0]
-    idx = dispatch_indices(jax.lax.stop_gradient(z2) > 0, capacity(n, frac))
-    xe = gather_slots(u2, idx)  # (P, C, Din)
-    h = jnp.einsum("pcd,pdf->pcf", xe, bank["w1"].astype(u.dtype))
-    y = jnp.einsum("pcf,pfo->pco", jax.nn.silu(h), bank["w2"].astype(u.dtype))
-    out = scatter_rows(slot_weights(z2, idx).astype(y.dtype)[..., None] * y, idx, n)
-    return out.reshape(*lead, out.shape[-1])
+    return apply_sparse_shared(bank, u, (z,), frac)[0]
 
 
 def apply(bank: dict, u: jax.Array, z: jax.Array, dispatch: str, frac: float) -> jax.Array:

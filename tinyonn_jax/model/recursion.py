@@ -105,11 +105,13 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
         x = x + attention.attention_core(block["attn"], u, z, attn_probes, ctx.positions,
                                          ctx.segment_ids, cfg).astype(dt)
         res = {"u_attn": u}
-        cap = experts.capacity(u.size // u.shape[-1], cfg.capacity_frac)
         for c, r in routes.items():
             res[f"z_{c}"], res[f"k_{c}"] = r.z, r.k
-            if cfg.attn_dispatch == "sparse":
-                res[f"overflow_{c}"] = experts.overflow_count(r.z > 0, cap)
+        if cfg.attn_dispatch == "sparse":  # q, k, v share one dispatch of the library
+            cap = experts.capacity(u.size // u.shape[-1], cfg.capacity_frac)
+            union = experts.union_mask([r.z > 0 for r in routes.values()])
+            for c, r in routes.items():
+                res[f"overflow_{c}"] = experts.dropped_count(r.z > 0, union, cap)
     if cfg.use_ffn and cfg.ffn_kind == "swiglu":
         x = dense.swiglu_sublayer(block, x, cfg)
     elif cfg.use_ffn:

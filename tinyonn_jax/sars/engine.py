@@ -50,14 +50,14 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
     attn_sites = [c for c in ("q", "k", "v") if f"z_{c}" in x]
     if attn_sites:
         lib = block["attn"]["library"]
-        if cfg.attn_dispatch == "sparse":
-            for c in attn_sites:
-                stats[c] = surprise.token_stats_sparse(lib, x["u_attn"], x[f"z_{c}"], x[f"g_{c}"],
-                                                       cfg.capacity_frac, importance)
+        zs = tuple(x[f"z_{c}"] for c in attn_sites)
+        gs = tuple(x[f"g_{c}"] for c in attn_sites)
+        if cfg.attn_dispatch == "sparse":  # the forward's shared dispatch of q, k, v
+            got = surprise.token_stats_sparse_shared(lib, x["u_attn"], zs, gs, cfg.capacity_frac,
+                                                     importance)
         else:
-            got = surprise.token_stats(lib, x["u_attn"], tuple(x[f"z_{c}"] for c in attn_sites),
-                                       tuple(x[f"g_{c}"] for c in attn_sites), importance)
-            stats.update(zip(attn_sites, got, strict=True))
+            got = surprise.token_stats(lib, x["u_attn"], zs, gs, importance)
+        stats.update(zip(attn_sites, got, strict=True))
     if "z_ffn" in x:
         bank = block["ffn"]["bank"]
         if cfg.ffn_dispatch == "sparse":

@@ -71,40 +71,53 @@ def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[j
     return tuple(out)
 
 
-def token_stats_sparse(bank: dict, u: jax.Array, z: jax.Array, g: jax.Array, frac: float,
-                       importance: str) -> SiteStats:
-    """``token_stats`` for one site on its active (row, expert) pairs only (sparse dispatch).
+def token_stats_sparse_shared(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
+                              gs: tuple[jax.Array, ...], frac: float,
+                              importance: str) -> tuple[SiteStats, ...]:
+    """``token_stats`` on the active (row, expert) pairs only (sparse dispatch).
 
-    Uses the forward's dispatch (same capacity, same order), so the quantities are exact for
-    every pair the forward computed and zero for dropped and inactive pairs, like z.
+    Uses the forward's dispatch (``experts.apply_sparse_shared``: the union of the sites'
+    active sets, same capacity, same order), so the quantities are exact for every pair the
+    forward computed and zero for dropped and inactive pairs, like z. The pre-activations are
+    computed once per slot and shared by the sites.
     """
-    lead, p = z.shape[:-1], z.shape[-1]
-    u2, z2, g2 = (x.reshape(-1, x.shape[-1]) for x in (u, z, g))
+    lead, p = zs[0].shape[:-1], zs[0].shape[-1]
+    u2 = u.reshape(-1, u.shape[-1])
     n = u2.shape[0]
-    idx = experts.dispatch_indices(z2 > 0, experts.capacity(n, frac))  # (P, C)
-    ue, ge, ze = experts.gather_slots(u2, idx), experts.gather_slots(g2, idx), \
-        experts.slot_weights(z2, idx)
+    z2s = [z.reshape(-1, p) for z in zs]
+    idx = experts.dispatch_indices(experts.union_mask([z > 0 for z in z2s]),
+                                   experts.capacity(n, frac))  # (P, C)
+    ue = experts.gather_slots(u2, idx)
     h = jnp.einsum("pcd,pdf->pcf", ue, bank["w1"])
     a, da = jax.nn.silu(h), silu_grad(h)
-    gw = jnp.einsum("pco,pfo->pcf", ge, bank["w2"])
-    c_w2 = ze * _norm(ge) * _norm(a)
-    c_w1 = ze * _norm(gw * da) * _norm(ue)
-    if importance == "attribution":
-        o = jnp.abs(ze * jnp.sum(gw * a, axis=-1))
-    elif importance == "output_grad":
-        o = jnp.broadcast_to(jnp.max(jnp.abs(ge), axis=-1), ze.shape)
-    else:
-        raise ValueError(f"unknown importance {importance!r}")
+    a_norm, u_norm = _norm(a), _norm(ue)
     cols = jnp.broadcast_to(jnp.arange(p)[:, None], idx.shape)
 
     def to_rows(v):  # (P, C) slot values -> (N, P); empty slots write into a dropped row
         return jnp.zeros((n + 1, p), v.dtype).at[idx, cols].set(v)[:n].reshape(*lead, p)
 
-    c_w1, c_w2 = to_rows(c_w1), to_rows(c_w2)
-    c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
-    o = to_rows(o) if importance == "attribution" else jnp.broadcast_to(
-        jnp.max(jnp.abs(g), axis=-1)[..., None], z.shape)
-    return SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c))
+    out = []
+    for z, z2, g in zip(zs, z2s, gs, strict=True):  # over sites sharing u, never over experts
+        ge, ze = experts.gather_slots(g.reshape(-1, g.shape[-1]), idx), \
+            experts.slot_weights(z2, idx)
+        gw = jnp.einsum("pco,pfo->pcf", ge, bank["w2"])
+        c_w2 = to_rows(ze * _norm(ge) * a_norm)
+        c_w1 = to_rows(ze * _norm(gw * da) * u_norm)
+        c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
+        if importance == "attribution":
+            o = to_rows(jnp.abs(ze * jnp.sum(gw * a, axis=-1)))
+        elif importance == "output_grad":
+            o = jnp.broadcast_to(jnp.max(jnp.abs(g), axis=-1)[..., None], z.shape)
+        else:
+            raise ValueError(f"unknown importance {importance!r}")
+        out.append(SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c)))
+    return tuple(out)
+
+
+def token_stats_sparse(bank: dict, u: jax.Array, z: jax.Array, g: jax.Array, frac: float,
+                       importance: str) -> SiteStats:
+    """``token_stats_sparse_shared`` for a single site (the FFN experts)."""
+    return token_stats_sparse_shared(bank, u, (z,), (g,), frac, importance)[0]
 
 
 def goodness(o: jax.Array, z: jax.Array, c: jax.Array) -> jax.Array:
@@ -124,8 +137,8 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
         u, zq, zk, zv, gq, gk, gv = xs
         lib = block["attn"]["library"]
         if cfg.attn_dispatch == "sparse":
-            return tuple(token_stats_sparse(lib, u, z, g, cfg.capacity_frac, importance)
-                         for z, g in ((zq, gq), (zk, gk), (zv, gv)))
+            return token_stats_sparse_shared(lib, u, (zq, zk, zv), (gq, gk, gv),
+                                             cfg.capacity_frac, importance)
         return token_stats(lib, u, (zq, zk, zv), (gq, gk, gv), importance)
 
     stats = {}
