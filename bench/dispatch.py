@@ -1,17 +1,20 @@
-"""Sparse vs dense expert dispatch: full train-step time of the default config's FFN experts
-(16 x 512->2048->512) at activation rates 1/2, 1/8, 1/32, measured side by side in one run.
+"""Sparse vs dense expert dispatch of the default config at activation rates 1/2, 1/8, 1/32,
+measured side by side in one run.
 
-The FFN gates are set per expert to the (1 - rate) quantile of its routing scores on the batch
-(over all refinement steps),
-so each expert is active for about ``rate`` of the tokens; sparse capacity = 1.5 * rate of the
-tokens. Attention stays dense (its routing is untouched). One JSON line per rate:
-  {"active_frac": r, "dense_s": ..., "sparse_s": ..., "speedup": dense/sparse, "overflow": ...}
-A second line per rate isolates the FFN experts' share of a SARS train step: forward, backward
-and the per-token, per-expert SARS statistics (C, O, goodness) of the bank of 16 experts, at the
-same 512 -> 2048 -> 512 shapes and 2048 tokens. There the gates make every expert take exactly
-``rate`` of the tokens, the capacity fits, nothing overflows, and the ratio is the pure cost of
-dense vs grouped dispatch:
+First, per rate, the FFN experts' share of a SARS train step in isolation: forward, backward and
+the per-token, per-expert SARS statistics (C, O, goodness) of the bank of 16 experts
+(512 -> 2048 -> 512), 2048 tokens. The gates make every expert take exactly ``rate`` of the
+tokens, the capacity fits, nothing overflows, and the ratio is the pure cost of dense vs grouped
+dispatch:
   {"layer": "ffn_experts", "active_frac": r, "dense_s": ..., "sparse_s": ..., "speedup": ...}
+Then the whole default train step (T=512), twice per rate: with only the FFN experts routed at
+``rate`` (attention untouched and dense), and with every site (q, k, v and FFN) at ``rate``
+(both dispatches switched). Gates are set per expert to the (1 - rate) quantile of its routing
+scores on the batch over all refinement steps; capacity = 1.5x the expected load (for attention
+``attn_capacity_frac``: the union of the q, k and v active sets, which its shared dispatch
+serves):
+  {"sites": "ffn" | "q+k+v+ffn", "active_frac": r, "dense_s": ..., "sparse_s": ...,
+   "speedup": dense/sparse, "overflow": pairs dropped for capacity, ...}
 Usage: python bench/dispatch.py [--seq-len 512] [--reps 2] [--layer-only]
 """
 
@@ -30,20 +33,30 @@ from tinyonn_jax.model import transformer as tr
 from tinyonn_jax.sars import surprise
 
 
-def gates_for_rate(cfg: Config, params: dict, batch: dict, rate: float) -> jax.Array:
-    """Per-expert gate = the (1 - rate) quantile of that expert's scores over all steps.
+def with_rate(cfg: Config, params: dict, batch: dict, rate: float, sites) -> dict:
+    """Params whose gates make every expert of ``sites`` active for about ``rate`` of its rows.
 
-    The FFN inputs of later steps depend on the gates, so this is iterated a few times.
+    Per expert, gate = the (1 - rate) quantile of its scores over all steps; the inputs of later
+    steps depend on the gates, so this is iterated a few times.
     """
-    ffn = params["block"]["ffn"]
-    gate = ffn["gate"]
+    params = jax.tree.map(lambda x: x, params)
     for _ in range(3):
-        p = jax.tree.map(lambda x: x, params)
-        p["block"]["ffn"]["gate"] = gate
-        _, aux = tr.forward(p, batch["inputs"], cfg.model)
-        scores = routing.prototype_scores(aux["u_ffn"], ffn["proto"], jnp.zeros_like(gate))
-        gate = jnp.quantile(scores.reshape(-1, scores.shape[-1]), 1.0 - rate, axis=0)
-    return gate
+        _, aux = tr.forward(params, batch["inputs"], cfg.model)
+        for site in sites:
+            leaf = params["block"]["ffn"] if site == "ffn" else params["block"]["attn"]
+            sfx = "" if site == "ffn" else f"_{site}"
+            u = aux["u_ffn"] if site == "ffn" else aux["u_attn"]
+            scores = routing.prototype_scores(u, leaf[f"proto{sfx}"],
+                                              jnp.zeros_like(leaf[f"gate{sfx}"]))
+            leaf[f"gate{sfx}"] = jnp.quantile(scores.reshape(-1, scores.shape[-1]), 1.0 - rate,
+                                              axis=0)
+    return params
+
+
+def union_rate(cfg: Config, params: dict, batch: dict) -> float:
+    """Share of (token, head, latent expert) pairs active for q, k or v."""
+    _, aux = tr.forward(params, batch["inputs"], cfg.model)
+    return float(jnp.mean(experts.union_mask([aux[f"z_{c}"] > 0 for c in "qkv"])))
 
 
 def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
@@ -89,25 +102,33 @@ def main() -> None:
         return
     batch = random_batch(1, a.seq_len)
     base = Config(model=ModelConfig(max_len=max(4096, a.seq_len)))
+    params0 = tr.init_params(jax.random.key(0), base.model)
     for rate in (1 / 2, 1 / 8, 1 / 32):
-        out = {"active_frac": rate, "seq_len": a.seq_len}
-        for mode in ("dense", "sparse"):
-            model = dataclasses.replace(base.model, ffn_dispatch=mode,
-                                        capacity_frac=min(1.0, 1.5 * rate))
-            cfg = dataclasses.replace(base, model=model)
-            fn, state, _, _ = compiled_step(cfg, batch)
-            gate = gates_for_rate(cfg, state.params, batch, rate)
-            params = jax.tree.map(lambda x: x, state.params)
-            params["block"]["ffn"]["gate"] = gate
-            state = state._replace(params=params)
-            out[f"{mode}_s"] = time_fn(lambda s, f=fn: f(s, batch)[1]["train/loss"], state,
-                                       reps=a.reps)
-            if mode == "sparse":
-                _, aux = tr.forward(params, batch["inputs"], cfg.model)
-                out["measured_active_frac"] = float(jnp.mean(aux["z_ffn"] > 0))
-                out["overflow"] = int(jnp.sum(aux["overflow_ffn"]))
-        out["speedup"] = out["dense_s"] / out["sparse_s"]
-        emit(out)
+        for sites in (("ffn",), ("q", "k", "v", "ffn")):
+            params = with_rate(base, params0, batch, rate, sites)
+            attn = "q" in sites
+            out = {"sites": "+".join(sites), "active_frac": rate, "seq_len": a.seq_len,
+                   "capacity_frac": min(1.0, 1.5 * rate)}
+            if attn:  # the shared dispatch serves the union of q, k and v: size it for that
+                out["attn_union_frac"] = union_rate(base, params, batch)
+                out["attn_capacity_frac"] = min(1.0, 1.5 * out["attn_union_frac"])
+            for mode in ("dense", "sparse"):
+                model = dataclasses.replace(base.model, ffn_dispatch=mode,
+                                            attn_dispatch=mode if attn else "dense",
+                                            capacity_frac=out["capacity_frac"],
+                                            attn_capacity_frac=out.get("attn_capacity_frac",
+                                                                       0.0))
+                cfg = dataclasses.replace(base, model=model)
+                fn, state, _, _ = compiled_step(cfg, batch)
+                state = state._replace(params=params)
+                out[f"{mode}_s"] = time_fn(lambda s, f=fn: f(s, batch)[1]["train/loss"], state,
+                                           reps=a.reps)
+                if mode == "sparse":
+                    _, aux = tr.forward(params, batch["inputs"], cfg.model)
+                    out["measured_active_frac"] = float(jnp.mean(aux["z_ffn"] > 0))
+                    out["overflow"] = int(sum(jnp.sum(aux[f"overflow_{c}"]) for c in sites))
+            out["speedup"] = out["dense_s"] / out["sparse_s"]
+            emit(out)
 
 
 if __name__ == "__main__":

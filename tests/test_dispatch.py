@@ -136,6 +136,22 @@ def test_overflow_is_counted():
         assert sum(want) > 0
 
 
+def test_attention_has_its_own_capacity():
+    _, sparse = _cfgs()
+    tight = dataclasses.replace(sparse, capacity_frac=0.1)
+    params = tr.init_params(jax.random.key(0), tight)
+    toks = jax.random.randint(jax.random.key(1), (B, T), 0, 18)
+    _, aux_tight = tr.forward(params, toks, tight)
+    roomy = dataclasses.replace(tight, attn_capacity_frac=1.0)
+    logits, aux = tr.forward(params, toks, roomy)
+    assert int(aux_tight["overflow_q"].sum()) > 0 and int(aux["overflow_q"].sum()) == 0
+    # FFN capacity untouched: step 0 sees the same FFN inputs (attention drops nothing there
+    # with the roomy capacity, as in the dense model), so its FFN overflow is unchanged.
+    dense_aux = tr.forward(params, toks, dataclasses.replace(roomy, attn_dispatch="dense"))[1]
+    assert int(aux["overflow_ffn"][0]) == int(dense_aux["overflow_ffn"][0]) > 0
+    assert roomy.attn_capacity == 1.0 and tight.attn_capacity == 0.1
+
+
 def test_overflow_reaches_the_train_metrics():
     from tinyonn_jax import optim
     from tinyonn_jax import step as st

@@ -188,6 +188,7 @@ def test_param_labels_cover_every_leaf_once(tiny_cfg):
 @pytest.mark.parametrize("field,value", [
     ("hidden", 0), ("num_heads", 3), ("attn_routing", "softmax"), ("rope", "3d"),
     ("max_refinement_steps", -1), ("remat", "everything"), ("ln_eps", 0.0),
+    ("attn_capacity_frac", 1.5),
 ])
 def test_bad_model_config_raises(field, value):
     with pytest.raises(ValueError, match=field):

@@ -80,6 +80,9 @@ class ModelConfig:
     attn_dispatch: str = "dense"  # dense: every expert on every token; sparse: grouped by expert
     ffn_dispatch: str = "dense"
     capacity_frac: float = 0.25  # sparse dispatch: an expert takes at most this share of tokens
+    # Sparse latent-head library: slots per expert as a share of (token, head) rows; its one
+    # dispatch serves the union of the q, k and v active sets. 0 = capacity_frac.
+    attn_capacity_frac: float = 0.0
     compute_dtype: str = "float32"
     max_len: int = 4096
     # Dense baselines (issue 10): the same recursion with unrouted sublayers.
@@ -119,6 +122,9 @@ class ModelConfig:
         _choice(s, self, "ffn_dispatch", DISPATCH_MODES)
         _check(0.0 < self.capacity_frac <= 1.0, s, "capacity_frac", self.capacity_frac,
                "must be in (0, 1]")
+        _check(isinstance(self.attn_capacity_frac, (int, float))
+               and 0.0 <= self.attn_capacity_frac <= 1.0, s, "attn_capacity_frac",
+               self.attn_capacity_frac, "must be in [0, 1] (0 = capacity_frac)")
         _choice(s, self, "compute_dtype", DTYPES)
         _choice(s, self, "attn_kind", ATTN_KINDS)
         _choice(s, self, "ffn_kind", FFN_KINDS)
@@ -133,6 +139,11 @@ class ModelConfig:
         if self.use_ffn and self.ffn_kind == "dynmoe":
             sites += ("ffn",)
         return sites
+
+    @property
+    def attn_capacity(self) -> float:
+        """Capacity share of the sparse latent-head library (``attn_capacity_frac`` or the FFN's)."""
+        return self.attn_capacity_frac or self.capacity_frac
 
     @property
     def head_dim(self) -> int:

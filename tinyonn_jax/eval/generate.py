@@ -99,7 +99,7 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
         u = attention.split_heads(xn, cfg.num_heads)
         routes = attention.route_attention(block["attn"], u, cfg)
         qkv = attention.compose_qkv(block["attn"], u, {c: r.z for c, r in routes.items()}, None,
-                                    cfg.attn_dispatch, cfg.capacity_frac)
+                                    cfg.attn_dispatch, cfg.attn_capacity)
         q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if cfg.rope == "rope1d":
         q = attention.rope(q, positions, cfg.rope_base)

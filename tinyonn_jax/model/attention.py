@@ -96,7 +96,7 @@ def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],
                    probes: dict[str, jax.Array] | None, positions: jax.Array,
                    segment_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Everything after routing: compose q/k/v, RoPE, causal attention, o_proj -> (B,T,D)."""
-    qkv = compose_qkv(params, u, z, probes, cfg.attn_dispatch, cfg.capacity_frac)
+    qkv = compose_qkv(params, u, z, probes, cfg.attn_dispatch, cfg.attn_capacity)
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)

@@ -53,7 +53,7 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
         zs = tuple(x[f"z_{c}"] for c in attn_sites)
         gs = tuple(x[f"g_{c}"] for c in attn_sites)
         if cfg.attn_dispatch == "sparse":  # the forward's shared dispatch of q, k, v
-            got = surprise.token_stats_sparse_shared(lib, x["u_attn"], zs, gs, cfg.capacity_frac,
+            got = surprise.token_stats_sparse_shared(lib, x["u_attn"], zs, gs, cfg.attn_capacity,
                                                      importance)
         else:
             got = surprise.token_stats(lib, x["u_attn"], zs, gs, importance)

@@ -138,7 +138,7 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
         lib = block["attn"]["library"]
         if cfg.attn_dispatch == "sparse":
             return token_stats_sparse_shared(lib, u, (zq, zk, zv), (gq, gk, gv),
-                                             cfg.capacity_frac, importance)
+                                             cfg.attn_capacity, importance)
         return token_stats(lib, u, (zq, zk, zv), (gq, gk, gv), importance)
 
     stats = {}
