@@ -118,6 +118,25 @@ def test_shared_dispatch_evaluates_the_union_once():
     assert int(experts.dropped_count(mask, mask, 2)) == int(experts.overflow_count(mask, 2))
 
 
+def test_scan_equals_batched_dense():
+    """``scan`` (one expert at a time) computes the same sums as the batched einsum."""
+    dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense")
+    scan = dataclasses.replace(dense, attn_dispatch="scan", ffn_dispatch="scan")
+    params = tr.init_params(jax.random.key(0), dense)
+    toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
+
+    def loss(p, cfg):
+        logits, _ = tr.forward(p, toks[:, :-1], cfg)
+        return task_loss.cross_entropy(logits, toks[:, 1:], jnp.ones((B, T)))
+
+    ld, gd = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, dense)
+    ls, gs = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, scan)
+    np.testing.assert_allclose(ld, ls, rtol=1e-5)
+    chex.assert_trees_all_close(gd, gs, rtol=1e-5, atol=1e-7)
+    assert experts.resolve_dispatch("auto") == ("scan" if jax.default_backend() == "cpu"
+                                                else "dense")
+
+
 def test_overflow_is_counted():
     _, sparse = _cfgs()
     cfg = dataclasses.replace(sparse, capacity_frac=0.1)

@@ -19,7 +19,7 @@ ROPE_MODES = ("none", "rope1d")
 REMAT_POLICIES = ("none", "full", "save_dots")
 IMPORTANCE_MODES = ("attribution", "output_grad")
 META_LOSSES = ("entropy_plus", "entropy_minus", "entropy_plain", "dyntrm_original")
-DISPATCH_MODES = ("dense", "sparse")
+DISPATCH_MODES = ("auto", "dense", "scan", "sparse")
 DTYPES = ("float32", "bfloat16")
 ATTN_KINDS = ("dynsiha", "mha")  # mha: the dense baseline of model/dense.py
 FFN_KINDS = ("dynmoe", "swiglu")  # swiglu: the dense baseline of model/dense.py
@@ -72,13 +72,15 @@ class ModelConfig:
     final_norm: bool = True
     ln_eps: float = 1e-5
     init_std: float = 0.02
-    # Rematerialisation of the scan body (routing decisions always saved): "full" keeps one
-    # step's activations instead of S (default step at T=512: 0.59 GB vs 5.2 GB of temporaries)
-    # and on CPU is even faster than "none" (7.9 s vs 9.4 s); "save_dots" sits between.
-    remat: str = "full"
+    # Rematerialisation of the refinement-step scan body (routing decisions always saved):
+    # none | full (keep one step's activations; the full-size configs use it) | save_dots.
+    remat: str = "none"
     halt_threshold: float = 0.5  # inference early exit when sigmoid(q_halt - q_continue) > this
-    attn_dispatch: str = "dense"  # dense: every expert on every token; sparse: grouped by expert
-    ffn_dispatch: str = "dense"
+    # Expert evaluation. dense: every expert on every token, one batched einsum (accelerators);
+    # scan: the same sums one expert at a time (CPU); sparse: only active (token, expert)
+    # pairs, grouped by expert with a fixed capacity; auto: scan on CPU, dense elsewhere.
+    attn_dispatch: str = "auto"
+    ffn_dispatch: str = "auto"
     capacity_frac: float = 0.25  # sparse dispatch: an expert takes at most this share of tokens
     # Sparse latent-head library: slots per expert as a share of (token, head) rows; its one
     # dispatch serves the union of the q, k and v active sets. 0 = capacity_frac.
@@ -142,7 +144,7 @@ class ModelConfig:
 
     @property
     def attn_capacity(self) -> float:
-        """Capacity share of the sparse latent-head library (``attn_capacity_frac`` or the FFN's)."""
+        """Sparse capacity share of the latent-head library (default: the FFN's)."""
         return self.attn_capacity_frac or self.capacity_frac
 
     @property

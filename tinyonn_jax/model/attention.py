@@ -79,12 +79,18 @@ def compose_qkv(params: dict, u: jax.Array, z: dict[str, jax.Array],
                 capacity_frac: float = 1.0) -> dict[str, jax.Array]:
     """q, k, v (B,T,H,Dh) = sum_p z_c,p E_p(u) (+ zero probe).
 
-    The library is evaluated once and weighted three times. Dense: on every (token, head,
-    expert); sparse: on the (token, head, expert) triples active for q, k or v, each once.
+    The library is evaluated once and weighted three times. Dense (batched, or one expert at a
+    time with ``scan``): on every (token, head, expert); sparse: on the (token, head, expert)
+    triples active for q, k or v, each once.
     """
+    dispatch = experts.resolve_dispatch(dispatch)
     if dispatch == "sparse":
         outs = experts.apply_sparse_shared(params["library"], u, tuple(z[c] for c in QKV),
                                            capacity_frac)
+    elif dispatch == "scan":
+        # K = head width: the library's matmuls are cheap to redo in the backward pass.
+        outs = experts.apply_scan(params["library"], u, tuple(z[c] for c in QKV),
+                                  remat="recompute")
     else:
         y = experts.bank_outputs(params["library"], u)
         outs = tuple(experts.combine(z[c], y) for c in QKV)  # three weightings, one library

@@ -141,8 +141,55 @@ def apply_sparse(bank: dict, u: jax.Array, z: jax.Array, frac: float) -> jax.Arr
     return apply_sparse_shared(bank, u, (z,), frac)[0]
 
 
+# --- dense composition, one expert at a time ----------------------------------------------
+# Same sums as ``apply_dense``, evaluated by a ``lax.scan`` over the expert axis: each iteration
+# is two plain matmuls on contiguous weights (u @ W1_p, silu, @ W2_p), and only one expert's
+# activations exist at a time (the backward recomputes them). On CPU this avoids the re-layouts
+# of the (tokens, experts, hidden) tensors the batched form needs (bench/dispatch.py); on
+# accelerators the batched form keeps the many small matmuls in one kernel.
+
+
+SCAN_REMAT = {
+    # What one expert's iteration keeps for the backward pass.
+    "recompute": jax.checkpoint_policies.nothing_saveable,  # cheap matmuls: redo them
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,  # costly matmuls: keep their outputs
+}
+
+
+def apply_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
+               remat: str = "recompute") -> tuple[jax.Array, ...]:
+    """``sum_p z_p E_p(u)`` for each weighting in ``zs``: u (..., Din), z (..., P) -> (..., Dout).
+
+    ``remat`` (``SCAN_REMAT``): whether the backward recomputes each expert's matmuls or keeps
+    them (one (N, F) and one (N, Dout) array per expert).
+    """
+    lead = u.shape[:-1]
+    u2 = u.reshape(-1, u.shape[-1])
+    zt = jnp.stack([z.reshape(-1, z.shape[-1]).T.astype(u.dtype) for z in zs], 1)  # (P, Z, N)
+
+    def one_expert(acc, xs):
+        w1, w2, zp = xs  # (Din, F), (F, Dout), (Z, N)
+        y = jax.nn.silu(u2 @ w1.astype(u.dtype)) @ w2.astype(u.dtype)
+        return acc + zp[:, :, None] * y[None], None
+
+    body = jax.checkpoint(one_expert, policy=SCAN_REMAT[remat], prevent_cse=False)
+    acc = jnp.zeros((len(zs), u2.shape[0], bank["w2"].shape[-1]), u.dtype)
+    acc, _ = jax.lax.scan(body, acc, (bank["w1"], bank["w2"], zt))
+    return tuple(a.reshape(*lead, a.shape[-1]) for a in acc)
+
+
+def resolve_dispatch(dispatch: str) -> str:
+    """``auto`` -> ``scan`` on the CPU backend, ``dense`` elsewhere; other modes unchanged."""
+    if dispatch == "auto":
+        return "scan" if jax.default_backend() == "cpu" else "dense"
+    return dispatch
+
+
 def apply(bank: dict, u: jax.Array, z: jax.Array, dispatch: str, frac: float) -> jax.Array:
-    """Dense or sparse composition, as configured."""
+    """Dense, one-expert-at-a-time or sparse composition, as configured."""
+    dispatch = resolve_dispatch(dispatch)
     if dispatch == "sparse":
         return apply_sparse(bank, u, z, frac)
+    if dispatch == "scan":  # the FFN experts: large matmuls, worth keeping
+        return apply_scan(bank, u, (z,), remat="save_dots")[0]
     return apply_dense(bank, u, z)
