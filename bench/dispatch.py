@@ -15,6 +15,7 @@ scores on the batch over all refinement steps; capacity = 1.5x the expected load
 serves):
   {"sites": "ffn" | "q+k+v+ffn", "active_frac": r, "dense_s": ..., "sparse_s": ...,
    "speedup": dense/sparse, "overflow": pairs dropped for capacity, ...}
+"dense" is the default dense evaluation for the backend (``auto``: one expert at a time on CPU).
 Usage: python bench/dispatch.py [--seq-len 512] [--reps 2] [--layer-only]
 """
 
@@ -31,6 +32,8 @@ from tinyonn_jax.config import Config, ModelConfig
 from tinyonn_jax.model import experts, routing
 from tinyonn_jax.model import transformer as tr
 from tinyonn_jax.sars import surprise
+
+DENSE = "auto"  # every expert on every token, evaluated the default way for this backend
 
 
 def with_rate(cfg: Config, params: dict, batch: dict, rate: float, sites) -> dict:
@@ -73,14 +76,14 @@ def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
     out = {"layer": "ffn_experts", "active_frac": rate, "tokens": tokens}
     frac = k / tokens
     for mode in ("dense", "sparse"):
-        def step(b, x, m=mode):  # L = sum(A^2): g = dL/dA = 2A
+        def step(b, x, m=DENSE if mode == "dense" else mode):  # L = sum(A^2): g = dL/dA = 2A
             a, vjp = jax.vjp(lambda b, x: experts.apply(b, x, z, m, frac), b, x)
             g = 2.0 * a
             grads = vjp(g)
             if m == "sparse":
                 st = surprise.token_stats_sparse(b, x, z, g, frac, "attribution")
             else:
-                st = surprise.token_stats(b, x, (z,), (g,), "attribution")[0]
+                st = surprise.dense_token_stats(b, x, (z,), (g,), "attribution", m)[0]
             return grads, st.goodness
 
         fn = jax.jit(step)
@@ -113,8 +116,9 @@ def main() -> None:
                 out["attn_union_frac"] = union_rate(base, params, batch)
                 out["attn_capacity_frac"] = min(1.0, 1.5 * out["attn_union_frac"])
             for mode in ("dense", "sparse"):
-                model = dataclasses.replace(base.model, ffn_dispatch=mode,
-                                            attn_dispatch=mode if attn else "dense",
+                dispatch = DENSE if mode == "dense" else mode
+                model = dataclasses.replace(base.model, ffn_dispatch=dispatch,
+                                            attn_dispatch=dispatch if attn else DENSE,
                                             capacity_frac=out["capacity_frac"],
                                             attn_capacity_frac=out.get("attn_capacity_frac",
                                                                        0.0))

@@ -188,3 +188,17 @@ def test_overflow_reaches_the_train_metrics():
                  positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
     _, m = st.make_train_step(cfg, opt)(state, batch)
     assert float(m["route/overflow/ffn"]) > 0 and np.isfinite(float(m["train/loss"]))
+
+
+@pytest.mark.parametrize("importance", ["attribution", "output_grad"])
+def test_scan_sars_statistics_equal_batched(importance):
+    bank = experts.init_bank(jax.random.key(0), 5, 4, 6, 4)
+    u = jax.random.normal(jax.random.key(1), (2, 7, 3, 4))  # (B, T, H, Dh): attention layout
+    zs = tuple(jax.nn.relu(jax.random.normal(jax.random.key(2 + i), (2, 7, 3, 5)))
+               for i in range(3))
+    gs = tuple(jax.random.normal(jax.random.key(7 + i), (2, 7, 3, 4)) for i in range(3))
+    want = surprise.token_stats(bank, u, zs, gs, importance)
+    got = surprise.token_stats_scan(bank, u, zs, gs, importance)
+    for a, b in zip(want, got, strict=True):
+        for name in ("c", "c_w1", "c_w2", "o", "goodness"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6)

@@ -56,7 +56,8 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
             got = surprise.token_stats_sparse_shared(lib, x["u_attn"], zs, gs, cfg.attn_capacity,
                                                      importance)
         else:
-            got = surprise.token_stats(lib, x["u_attn"], zs, gs, importance)
+            got = surprise.dense_token_stats(lib, x["u_attn"], zs, gs, importance,
+                                             cfg.attn_dispatch)
         stats.update(zip(attn_sites, got, strict=True))
     if "z_ffn" in x:
         bank = block["ffn"]["bank"]
@@ -64,8 +65,9 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
             stats["ffn"] = surprise.token_stats_sparse(bank, x["u_ffn"], x["z_ffn"], x["g_ffn"],
                                                        cfg.capacity_frac, importance)
         else:
-            stats["ffn"] = surprise.token_stats(bank, x["u_ffn"], (x["z_ffn"],), (x["g_ffn"],),
-                                                importance)[0]
+            stats["ffn"] = surprise.dense_token_stats(bank, x["u_ffn"], (x["z_ffn"],),
+                                                      (x["g_ffn"],), importance,
+                                                      cfg.ffn_dispatch)[0]
     return stats
 
 

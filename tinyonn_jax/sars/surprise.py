@@ -71,6 +71,60 @@ def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[j
     return tuple(out)
 
 
+def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
+                     gs: tuple[jax.Array, ...], importance: str) -> tuple[SiteStats, ...]:
+    """``token_stats`` computed one expert at a time (``lax.scan`` over the expert axis).
+
+    The same closed forms on contiguous (N, F) matmuls per expert, as the ``scan`` dispatch of
+    the forward does; never differentiated (the meta loss treats the statistics as constants).
+    """
+    lead, p = zs[0].shape[:-1], zs[0].shape[-1]
+    u2 = u.reshape(-1, u.shape[-1])
+    g2s = [g.reshape(-1, g.shape[-1]) for g in gs]
+    zt = jnp.stack([z.reshape(-1, p).T for z in zs])  # (Z, P, N)
+    u_norm = _norm(u2)
+    g_norms = [_norm(g) for g in g2s]
+
+    def one_expert(_, xs):
+        w1, w2 = xs  # (Din, F), (F, Dout)
+        h = u2 @ w1
+        a, da = jax.nn.silu(h), silu_grad(h)
+        a_norm = _norm(a)
+        per_site = []
+        for g, g_norm in zip(g2s, g_norms, strict=True):  # sites sharing u, not experts
+            gw = g @ w2.T
+            per_site.append(jnp.stack([g_norm * a_norm, _norm(gw * da) * u_norm,
+                                       jnp.sum(gw * a, axis=-1)]))  # (3, N)
+        return None, jnp.stack(per_site)  # (Z, 3, N)
+
+    _, raw = jax.lax.scan(one_expert, None, (bank["w1"], bank["w2"]))  # (P, Z, 3, N)
+    raw = jnp.moveaxis(raw, 0, -1)  # (Z, 3, N, P)
+    out = []
+    for i, (z, g) in enumerate(zip(zs, gs, strict=True)):
+        zi = zt[i].T
+        c_w2, c_w1 = zi * raw[i, 0], zi * raw[i, 1]
+        c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
+        if importance == "attribution":
+            o = jnp.abs(zi * raw[i, 2])
+        elif importance == "output_grad":
+            o = jnp.broadcast_to(jnp.max(jnp.abs(g2s[i]), axis=-1)[:, None], zi.shape)
+        else:
+            raise ValueError(f"unknown importance {importance!r}")
+        shape = lambda x: x.reshape(*lead, p)  # noqa: E731
+        c, c_w1, c_w2, o = shape(c), shape(c_w1), shape(c_w2), shape(o)
+        out.append(SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c)))
+    return tuple(out)
+
+
+def dense_token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
+                      gs: tuple[jax.Array, ...], importance: str,
+                      dispatch: str) -> tuple[SiteStats, ...]:
+    """``token_stats`` by the dense evaluation the forward used (batched, or ``scan``)."""
+    if experts.resolve_dispatch(dispatch) == "scan":
+        return token_stats_scan(bank, u, zs, gs, importance)
+    return token_stats(bank, u, zs, gs, importance)
+
+
 def token_stats_sparse_shared(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
                               gs: tuple[jax.Array, ...], frac: float,
                               importance: str) -> tuple[SiteStats, ...]:
@@ -139,7 +193,8 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
         if cfg.attn_dispatch == "sparse":
             return token_stats_sparse_shared(lib, u, (zq, zk, zv), (gq, gk, gv),
                                              cfg.attn_capacity, importance)
-        return token_stats(lib, u, (zq, zk, zv), (gq, gk, gv), importance)
+        return dense_token_stats(lib, u, (zq, zk, zv), (gq, gk, gv), importance,
+                                 cfg.attn_dispatch)
 
     stats = {}
     if "q" in cfg.routed_sites:
@@ -152,7 +207,8 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
             if cfg.ffn_dispatch == "sparse":
                 return token_stats_sparse(block["ffn"]["bank"], u, z, g, cfg.capacity_frac,
                                           importance)
-            return token_stats(block["ffn"]["bank"], u, (z,), (g,), importance)[0]
+            return dense_token_stats(block["ffn"]["bank"], u, (z,), (g,), importance,
+                                     cfg.ffn_dispatch)[0]
 
         stats["ffn"] = jax.lax.map(ffn_step, (aux["u_ffn"], aux["z_ffn"], g_probes["ffn"]))
     return stats
