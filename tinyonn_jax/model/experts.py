@@ -1,8 +1,10 @@
 """Stacked expert banks: ExpertMLP ``E_p(u) = silu(u W1_p) W2_p`` (no bias), P on a leading axis.
 
 Shapes: W1 (P, Din, F), W2 (P, F, Dout); expert inputs u (..., Din); routing weights z (..., P).
-The dense path evaluates every expert on every token and weights by z; it is exact and, for many
-narrow experts, the fastest layout on accelerators.
+Three evaluations of ``sum_p z_p E_p(u)``, equal when nothing overflows: ``apply_dense`` (every
+expert on every token in one batched einsum, the layout for accelerators), ``apply_scan`` (the
+same, one expert at a time: the fast layout on CPU) and ``apply_sparse`` (active pairs only,
+grouped by expert with a fixed capacity). ``resolve_dispatch`` maps ``auto`` to one of them.
 """
 
 from __future__ import annotations
