@@ -146,7 +146,8 @@ def apply_sparse(bank: dict, u: jax.Array, z: jax.Array, frac: float) -> jax.Arr
 # --- dense composition, one expert at a time ----------------------------------------------
 # Same sums as ``apply_dense``, evaluated by a ``lax.scan`` over the expert axis: each iteration
 # is two plain matmuls on contiguous weights (u @ W1_p, silu, @ W2_p), and only one expert's
-# activations exist at a time (the backward recomputes them). On CPU this avoids the re-layouts
+# activations exist at a time (``SCAN_REMAT`` decides what the backward keeps of them), summed
+# into a float32 accumulator whatever the compute dtype. On CPU this avoids the re-layouts
 # of the (tokens, experts, hidden) tensors the batched form needs (bench/dispatch.py); on
 # accelerators the batched form keeps the many small matmuls in one kernel.
 
@@ -167,17 +168,17 @@ def apply_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
     """
     lead = u.shape[:-1]
     u2 = u.reshape(-1, u.shape[-1])
-    zt = jnp.stack([z.reshape(-1, z.shape[-1]).T.astype(u.dtype) for z in zs], 1)  # (P, Z, N)
+    zt = jnp.stack([z.reshape(-1, z.shape[-1]).T for z in zs], 1)  # (P, Z, N)
 
     def one_expert(acc, xs):
         w1, w2, zp = xs  # (Din, F), (F, Dout), (Z, N)
         y = jax.nn.silu(u2 @ w1.astype(u.dtype)) @ w2.astype(u.dtype)
-        return acc + zp[:, :, None] * y[None], None
+        return acc + zp.astype(jnp.float32)[:, :, None] * y.astype(jnp.float32)[None], None
 
     body = jax.checkpoint(one_expert, policy=SCAN_REMAT[remat], prevent_cse=False)
-    acc = jnp.zeros((len(zs), u2.shape[0], bank["w2"].shape[-1]), u.dtype)
+    acc = jnp.zeros((len(zs), u2.shape[0], bank["w2"].shape[-1]), jnp.float32)
     acc, _ = jax.lax.scan(body, acc, (bank["w1"], bank["w2"], zt))
-    return tuple(a.reshape(*lead, a.shape[-1]) for a in acc)
+    return tuple(a.astype(u.dtype).reshape(*lead, a.shape[-1]) for a in acc)
 
 
 def resolve_dispatch(dispatch: str) -> str:
@@ -192,6 +193,6 @@ def apply(bank: dict, u: jax.Array, z: jax.Array, dispatch: str, frac: float) ->
     dispatch = resolve_dispatch(dispatch)
     if dispatch == "sparse":
         return apply_sparse(bank, u, z, frac)
-    if dispatch == "scan":  # the FFN experts: large matmuls, worth keeping
+    if dispatch == "scan":  # one bank of wide experts (the FFN's): matmuls worth keeping
         return apply_scan(bank, u, (z,), remat="save_dots")[0]
     return apply_dense(bank, u, z)

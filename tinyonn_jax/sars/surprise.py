@@ -81,7 +81,6 @@ def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
     lead, p = zs[0].shape[:-1], zs[0].shape[-1]
     u2 = u.reshape(-1, u.shape[-1])
     g2s = [g.reshape(-1, g.shape[-1]) for g in gs]
-    zt = jnp.stack([z.reshape(-1, p).T for z in zs])  # (Z, P, N)
     u_norm = _norm(u2)
     g_norms = [_norm(g) for g in g2s]
 
@@ -100,8 +99,8 @@ def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
     _, raw = jax.lax.scan(one_expert, None, (bank["w1"], bank["w2"]))  # (P, Z, 3, N)
     raw = jnp.moveaxis(raw, 0, -1)  # (Z, 3, N, P)
     out = []
-    for i, (z, g) in enumerate(zip(zs, gs, strict=True)):
-        zi = zt[i].T
+    for i, z in enumerate(zs):
+        zi = z.reshape(-1, p)
         c_w2, c_w1 = zi * raw[i, 0], zi * raw[i, 1]
         c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
         if importance == "attribution":
