@@ -105,7 +105,8 @@ def test_shared_dispatch_evaluates_the_union_once():
             np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
             dropped = int(np.sum(np.asarray(z > 0) & ~np.asarray(kept)))
             union = experts.union_mask([zz > 0 for zz in zs])
-            assert int(experts.dropped_count(z > 0, union, cap)) == dropped
+            np.testing.assert_array_equal(experts.kept_pairs(union, cap), kept)
+            assert int(experts.dropped_count(z > 0, experts.kept_pairs(union, cap))) == dropped
         # SARS statistics of the shared dispatch == dense statistics with dropped pairs removed.
         gs = tuple(jax.random.normal(jax.random.key(9 + i), (21, 3)) for i in range(3))
         sparse = surprise.token_stats_sparse_shared(bank, u, zs, gs, frac, "attribution")
@@ -115,7 +116,8 @@ def test_shared_dispatch_evaluates_the_union_once():
                 np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-5,
                                            atol=1e-6)
     mask = zs[0] > 0  # a single site: dropped pairs == overflow
-    assert int(experts.dropped_count(mask, mask, 2)) == int(experts.overflow_count(mask, 2))
+    assert int(experts.dropped_count(mask, experts.kept_pairs(mask, 2))) == int(
+        experts.overflow_count(mask, 2))
 
 
 def test_scan_equals_batched_dense():

@@ -56,13 +56,18 @@ def capacity(n_rows: int, frac: float) -> int:
     return max(1, min(n_rows, math.ceil(frac * n_rows)))
 
 
+def queue_positions(mask: jax.Array) -> jax.Array:
+    """Place of each active (row, expert) pair in its expert's queue, rows in order: (N, P)."""
+    return jnp.cumsum(mask, axis=0, dtype=jnp.int32) - 1
+
+
 def dispatch_indices(mask: jax.Array, cap: int) -> jax.Array:
     """Row index held by each expert slot: mask (N, P) -> idx (P, C); empty slots hold N.
 
     Rows keep their order inside an expert's queue, so the first ``cap`` active rows win.
     """
     n, p = mask.shape
-    pos = jnp.cumsum(mask, axis=0, dtype=jnp.int32) - 1  # queue position of each active pair
+    pos = queue_positions(mask)
     keep = mask & (pos < cap)
     target = jnp.where(keep, jnp.arange(p, dtype=jnp.int32) * cap + pos, p * cap)
     rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, p))
@@ -82,16 +87,16 @@ def union_mask(masks) -> jax.Array:
     return functools.reduce(jnp.logical_or, masks)
 
 
-def dropped_count(mask: jax.Array, union: jax.Array, cap: int) -> jax.Array:
-    """Active pairs of ``mask`` that a dispatch of ``union`` (a superset) leaves out.
-
-    Queues fill in row order (``dispatch_indices``), so a pair is dropped when its row comes
-    after the first ``cap`` active rows of ``union`` for that expert. Equals
-    ``overflow_count(mask, cap)`` when ``union == mask``.
-    """
+def kept_pairs(mask: jax.Array, cap: int) -> jax.Array:
+    """The active pairs ``dispatch_indices`` gives a slot: mask (..., P) -> bool (..., P)."""
     m = mask.reshape(-1, mask.shape[-1])
-    pos = jnp.cumsum(union.reshape(m.shape), axis=0, dtype=jnp.int32) - 1
-    return jnp.sum(m & (pos >= cap), dtype=jnp.int32)
+    return (m & (queue_positions(m) < cap)).reshape(mask.shape)
+
+
+def dropped_count(mask: jax.Array, kept: jax.Array) -> jax.Array:
+    """Active pairs of ``mask`` left out by a dispatch that kept ``kept`` (``kept_pairs`` of
+    ``mask`` or of a superset of it, such as the union of q, k and v)."""
+    return jnp.sum(mask & ~kept, dtype=jnp.int32)
 
 
 def gather_slots(x: jax.Array, idx: jax.Array) -> jax.Array:

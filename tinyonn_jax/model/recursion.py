@@ -109,9 +109,9 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
             res[f"z_{c}"], res[f"k_{c}"] = r.z, r.k
         if cfg.attn_dispatch == "sparse":  # q, k, v share one dispatch of the library
             cap = experts.capacity(u.size // u.shape[-1], cfg.attn_capacity)
-            union = experts.union_mask([r.z > 0 for r in routes.values()])
+            kept = experts.kept_pairs(experts.union_mask([r.z > 0 for r in routes.values()]), cap)
             for c, r in routes.items():
-                res[f"overflow_{c}"] = experts.dropped_count(r.z > 0, union, cap)
+                res[f"overflow_{c}"] = experts.dropped_count(r.z > 0, kept)
     if cfg.use_ffn and cfg.ffn_kind == "swiglu":
         x = dense.swiglu_sublayer(block, x, cfg)
     elif cfg.use_ffn:

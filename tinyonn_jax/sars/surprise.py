@@ -45,6 +45,23 @@ def _norm(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x), axis=axis))
 
 
+def site_stats(z: jax.Array, g: jax.Array, c_w1: jax.Array, c_w2: jax.Array,
+               attribution: jax.Array, importance: str) -> SiteStats:
+    """Assemble a site's SiteStats from its per-pair gradient norms (..., P).
+
+    ``attribution`` is ``z_p <g, E_p(u)>`` per pair; with ``importance="output_grad"`` the
+    importance is the original's ``max_d |g|`` instead (the same for every expert).
+    """
+    c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
+    if importance == "attribution":
+        o = jnp.abs(attribution)
+    elif importance == "output_grad":
+        o = jnp.broadcast_to(jnp.max(jnp.abs(g), axis=-1)[..., None], z.shape)
+    else:
+        raise ValueError(f"unknown importance {importance!r}")
+    return SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c))
+
+
 def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[jax.Array, ...],
                 importance: str) -> tuple[SiteStats, ...]:
     """Per-token C, O and G for sites that share expert inputs u (the q, k, v of one step).
@@ -58,16 +75,8 @@ def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[j
     out = []
     for z, g in zip(zs, gs, strict=True):  # over call sites sharing u, never over experts
         gw = jnp.einsum("...o,pfo->...pf", g, bank["w2"])
-        c_w2 = z * _norm(g)[..., None] * a_norm
-        c_w1 = z * _norm(gw * da) * u_norm
-        c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
-        if importance == "attribution":
-            o = jnp.abs(z * jnp.sum(gw * a, axis=-1))  # |<g, z_p E_p(u)>|
-        elif importance == "output_grad":
-            o = jnp.broadcast_to(jnp.max(jnp.abs(g), axis=-1)[..., None], z.shape)
-        else:
-            raise ValueError(f"unknown importance {importance!r}")
-        out.append(SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c)))
+        out.append(site_stats(z, g, z * _norm(gw * da) * u_norm, z * _norm(g)[..., None] * a_norm,
+                              z * jnp.sum(gw * a, axis=-1), importance))
     return tuple(out)
 
 
@@ -98,21 +107,9 @@ def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
 
     _, raw = jax.lax.scan(one_expert, None, (bank["w1"], bank["w2"]))  # (P, Z, 3, N)
     raw = jnp.moveaxis(raw, 0, -1)  # (Z, 3, N, P)
-    out = []
-    for i, z in enumerate(zs):
-        zi = z.reshape(-1, p)
-        c_w2, c_w1 = zi * raw[i, 0], zi * raw[i, 1]
-        c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
-        if importance == "attribution":
-            o = jnp.abs(zi * raw[i, 2])
-        elif importance == "output_grad":
-            o = jnp.broadcast_to(jnp.max(jnp.abs(g2s[i]), axis=-1)[:, None], zi.shape)
-        else:
-            raise ValueError(f"unknown importance {importance!r}")
-        shape = lambda x: x.reshape(*lead, p)  # noqa: E731
-        c, c_w1, c_w2, o = shape(c), shape(c_w1), shape(c_w2), shape(o)
-        out.append(SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c)))
-    return tuple(out)
+    raw = raw.reshape(*raw.shape[:2], *lead, p)  # (Z, 3, ..., P)
+    return tuple(site_stats(z, g, z * raw[i, 1], z * raw[i, 0], z * raw[i, 2], importance)
+                 for i, (z, g) in enumerate(zip(zs, gs, strict=True)))
 
 
 def dense_token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
@@ -154,16 +151,9 @@ def token_stats_sparse_shared(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...
         ge, ze = experts.gather_slots(g.reshape(-1, g.shape[-1]), idx), \
             experts.slot_weights(z2, idx)
         gw = jnp.einsum("pco,pfo->pcf", ge, bank["w2"])
-        c_w2 = to_rows(ze * _norm(ge) * a_norm)
-        c_w1 = to_rows(ze * _norm(gw * da) * u_norm)
-        c = jnp.sqrt(jnp.square(c_w1) + jnp.square(c_w2))
-        if importance == "attribution":
-            o = to_rows(jnp.abs(ze * jnp.sum(gw * a, axis=-1)))
-        elif importance == "output_grad":
-            o = jnp.broadcast_to(jnp.max(jnp.abs(g), axis=-1)[..., None], z.shape)
-        else:
-            raise ValueError(f"unknown importance {importance!r}")
-        out.append(SiteStats(c=c, c_w1=c_w1, c_w2=c_w2, o=o, goodness=goodness(o, z, c)))
+        out.append(site_stats(z, g, to_rows(ze * _norm(gw * da) * u_norm),
+                              to_rows(ze * _norm(ge) * a_norm),
+                              to_rows(ze * jnp.sum(gw * a, axis=-1)), importance))
     return tuple(out)
 
 
