@@ -136,6 +136,25 @@ def test_remat_same_loss_and_grads(policy):
     chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-7)
 
 
+def test_full_remat_saves_the_step_input_and_the_routing_masks_only(capsys):
+    """A rematerialised step keeps x and one bool mask per call site; the routing weights z,
+    already returned for SARS, are recomputed from the masks instead of stored twice."""
+    cfg = tiny_model_config(remat="full", hidden=32, num_attn_experts=6, num_ffn_experts=5)
+    params, tokens = _setup(cfg)
+    x = tr.embed(params, tokens, cfg)
+    ctx = recursion.make_context(tokens)
+    step = recursion.remat_body(
+        lambda x: recursion.block_step(params["block"], x, None, ctx, cfg), cfg.remat)
+    jax.ad_checkpoint.print_saved_residuals(lambda x: jnp.sum(step(x)[0]), x)
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    b, t = tokens.shape
+    masks = [s for s in saved if "named 'routing'" in s]
+    assert sorted(s.split()[0] for s in masks) == sorted(
+        [f"bool[{b},{t},{cfg.num_heads},6]"] * 3 + [f"bool[{b},{t},5]"])
+    activations = [s for s in saved if "named 'routing'" not in s and "constant" not in s]
+    assert [s.split()[0] for s in activations] == [f"f32[{b},{t},32]"]  # x itself
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_halting_threshold_extremes(tiny_cfg, jit):
     cfg = dataclasses.replace(tiny_cfg, max_refinement_steps=4)

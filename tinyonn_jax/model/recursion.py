@@ -1,8 +1,8 @@
 """DynTRM: one shared pre-norm block applied for N refinement steps with ``lax.scan``.
 
 Block: ``x += attn(LN1 x); x += ffn(LN2 x)``. With ``model.remat`` the whole step is
-rematerialised except the routing weights and decisions, which are saved (``remat_body``): the
-backward pass reuses the forward's decisions, so a recomputation can never flip one (seed 002).
+rematerialised except the routing decisions, which are saved (``remat_body``): the backward pass
+reuses the forward's decisions, so a recomputation can never flip one (seed 002).
 
 The ACT halting head reads the mean of the normalised hidden state over a row's valid tokens and
 emits (q_halt, q_continue) per refinement step. Training runs all steps; inference may stop each
@@ -60,16 +60,19 @@ def init_halting(cfg: ModelConfig) -> dict:
     return {"w": jnp.zeros((cfg.hidden, 2), jnp.float32), "b": jnp.array([-5.0, 0.0], jnp.float32)}
 
 
-ROUTING_NAME = "routing"  # checkpoint name of routing weights and decisions
+ROUTING_NAME = "routing"  # checkpoint name of the routing decisions (bool masks)
 
 
 def remat_body(fn, policy: str):
-    """Rematerialise a whole refinement step, except its routing.
+    """Rematerialise a whole refinement step, except its routing decisions.
 
-    Routing weights and masks are tagged ``ROUTING_NAME`` (``model.routing.route``); every
-    policy saves them, so the backward pass reuses the forward's decisions and a recomputation
-    (in bf16, with another fusion) can never flip a ``> 0`` decision (seed 002's inner/outer
-    checkpointing). ``full`` saves nothing else; ``save_dots`` also keeps matmul results.
+    Routing masks are tagged ``ROUTING_NAME`` (``model.routing.route``); every policy saves
+    them, so the backward pass reuses the forward's decisions and a recomputation (in bf16,
+    with another fusion) can never flip a ``> 0`` decision (seed 002's inner/outer
+    checkpointing). The weights are recomputed from the saved masks: saving them too would
+    store a second copy of the ``z_*`` arrays the step already returns for SARS (scan
+    residuals and scan outputs are separate buffers). ``full`` saves nothing else;
+    ``save_dots`` also keeps matmul results.
     """
     if policy == "none":
         return fn

@@ -76,6 +76,8 @@ def route(u: jax.Array, proto: jax.Array, gate: jax.Array, mode: str, top_k: int
     """Route expert inputs u (..., d) over P experts -> Route with z, mask, k of shape (..., P)."""
     scores = prototype_scores(u, proto, gate)
     # Tagged so that a rematerialised step reuses the forward's decisions (model/recursion.py).
+    # Only the bool mask is saved: the weights follow from it and the recomputed scores, so a
+    # recomputation can change a weight by rounding but never which experts are active.
     mask = checkpoint_name(decide(scores, mode, top_k), "routing")
-    z = checkpoint_name(weights(scores, mask, mode), "routing")
+    z = weights(scores, mask, mode)
     return Route(scores=scores, mask=mask, z=z, k=jnp.sum(mask, axis=-1, dtype=jnp.int32))
