@@ -204,3 +204,58 @@ def test_scan_sars_statistics_equal_batched(importance):
     for a, b in zip(want, got, strict=True):
         for name in ("c", "c_w1", "c_w2", "o", "goodness"):
             np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scan_stats_backward_gives_the_grads_and_the_sars_statistics(dtype):
+    """``apply_scan_stats``: output and gradients of ``apply_scan``; the sink's cotangent is the
+    per-pair statistics of ``token_stats`` (unweighted by z)."""
+    bank = experts.init_bank(jax.random.key(0), 5, 4, 6, 3)
+    u = jax.random.normal(jax.random.key(1), (2, 7, 4)).astype(dtype)
+    z = jax.nn.relu(jax.random.normal(jax.random.key(2), (2, 7, 5)))
+    g = jax.random.normal(jax.random.key(3), (2, 7, 3)).astype(dtype)
+    sink = jnp.zeros((2, 7, 5, len(experts.STAT_CHANNELS)))
+    out, vjp = jax.vjp(lambda b, u, z, s: experts.apply_scan_stats(b, u, z, s), bank, u, z, sink)
+    ref, vjp_ref = jax.vjp(lambda b, u, z: experts.apply_scan(b, u, (z,))[0], bank, u, z)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), **tol)
+    *grads, raw = vjp(g)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(vjp_ref(g)), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = surprise.token_stats(bank, f32(u), (z,), (f32(g),), "attribution")[0]
+    got = surprise.stats_from_sink(z, g, raw, "attribution")
+    for name in ("c", "c_w1", "c_w2", "o"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)),
+                                   np.asarray(getattr(want, name)), **tol)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
+def test_train_step_sars_from_the_ffn_backward_equals_batched(remat):
+    """The train step's SARS quantities are the same whether the FFN statistics come from the
+    experts' backward pass (``scan``) or are recomputed from the probes (batched dense)."""
+    from tinyonn_jax.config import Config
+    from tinyonn_jax.model import recursion
+    from tinyonn_jax.step import compute_gradients
+
+    dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense", remat=remat)
+    scan = dataclasses.replace(dense, ffn_dispatch="scan")
+    assert recursion.FFN_STATS in tr.zero_probes(scan, B, T)
+    assert recursion.FFN_STATS not in tr.zero_probes(dense, B, T)
+    params = tr.init_params(jax.random.key(0), dense)
+    toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": jnp.ones((B, T)),
+             "segment_ids": jnp.ones((B, T), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T), (B, T))}
+    run = jax.jit(compute_gradients, static_argnums=2)
+    want, got = run(params, batch, Config(model=dense)), run(params, batch, Config(model=scan))
+    np.testing.assert_allclose(got.meta_loss, want.meta_loss, rtol=1e-5)
+    chex.assert_trees_all_close(got.g_main, want.g_main, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(got.g_meta, want.g_meta, rtol=1e-4, atol=1e-7)
+    for k in want.sars_metrics:
+        # Shares of positive/negative goodness count signs: a pair whose mas(z) and mas(C) are
+        # equal up to rounding (the same expert holding both maxima) may land on either side.
+        sign_share = k in ("sars/goodness_pos", "sars/goodness_neg")
+        np.testing.assert_allclose(got.sars_metrics[k], want.sars_metrics[k], rtol=1e-5,
+                                   atol=0.03 if sign_share else 1e-7)

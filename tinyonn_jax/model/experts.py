@@ -186,6 +186,72 @@ def apply_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
     return tuple(a.astype(u.dtype).reshape(*lead, a.shape[-1]) for a in acc)
 
 
+# --- one expert at a time, SARS statistics from the backward pass ---------------------------
+# The per-pair SARS quantities (``sars/surprise.py``) are by-products of the backward pass of
+# ``sum_p z_p E_p(u)``: with gw_p = g W2_p^T, the backward forms dh_p = z_p gw_p * silu'(h_p)
+# and dL/dz_p = <gw_p, a_p> = <g, E_p(u)>. ``apply_scan_stats`` has its own backward rule that
+# returns them, as the cotangent of a zero ``sink``, from the pre-activations its forward kept:
+# the statistics cost row norms instead of two more matmuls per expert.
+
+STAT_CHANNELS = ("g_norm_a_norm", "gwd_norm_u_norm", "g_dot_y")  # the sink's last axis
+
+
+def apply_scan_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array) -> jax.Array:
+    """``apply_scan`` for one weighting, with a zero ``sink`` (..., P, 3) whose cotangent is,
+    per (row, expert), ``STAT_CHANNELS``: ``||g|| ||a_p||``, ``||gw_p * silu'(h_p)|| ||u||`` and
+    ``<g, E_p(u)>``, g being the cotangent of the output. ``sars.surprise.stats_from_sink``
+    turns them into SiteStats. The forward keeps every expert's pre-activations (as ``apply``
+    with ``scan`` does); gradients of bank, u and z equal those of ``apply_scan``.
+    """
+    lead, p = u.shape[:-1], z.shape[-1]
+    out = _scan_stats(bank["w1"], bank["w2"], u.reshape(-1, u.shape[-1]), z.reshape(-1, p),
+                      sink.reshape(-1, p, len(STAT_CHANNELS)))
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _scan_stats_fwd(w1, w2, u, z, sink):
+    del sink
+
+    def one_expert(acc, xs):
+        a1, a2, zp = xs  # (Din, F), (F, Dout), (N,)
+        h = u @ a1.astype(u.dtype)
+        y = jax.nn.silu(h) @ a2.astype(u.dtype)
+        return acc + zp.astype(jnp.float32)[:, None] * y.astype(jnp.float32), h
+
+    acc = jnp.zeros((u.shape[0], w2.shape[-1]), jnp.float32)
+    acc, hs = jax.lax.scan(one_expert, acc, (w1, w2, z.T))
+    return acc.astype(u.dtype), (w1, w2, u, z, hs)
+
+
+def _scan_stats_bwd(res, g):
+    w1, w2, u, z, hs = res
+    f32 = jnp.float32
+    g_norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(f32)), -1))
+    u_norm = jnp.sqrt(jnp.sum(jnp.square(u.astype(f32)), -1))
+
+    def one_expert(du, xs):
+        a1, a2, zp, h = xs
+        sig = jax.nn.sigmoid(h)
+        a = h * sig
+        gw = g @ a2.T.astype(g.dtype)  # (N, F): the output cotangent through W2_p
+        gwd = gw * (sig * (1.0 + h * (1.0 - sig)))  # ... and through the SiLU
+        dh = zp.astype(gwd.dtype)[:, None] * gwd
+        dw1 = (u.T @ dh).astype(a1.dtype)
+        dw2 = (a.T @ (zp.astype(g.dtype)[:, None] * g)).astype(a2.dtype)
+        dz = jnp.sum((gw * a).astype(f32), -1)  # <g, E_p(u)>
+        norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(f32)), -1))  # noqa: E731
+        raw = jnp.stack([g_norm * norm(a), norm(gwd) * u_norm, dz], -1)  # (N, 3)
+        return du + (dh @ a1.T.astype(dh.dtype)).astype(f32), (dw1, dw2, dz, raw)
+
+    du = jnp.zeros(u.shape, f32)
+    du, (dw1, dw2, dz, raw) = jax.lax.scan(one_expert, du, (w1, w2, z.T, hs))
+    return dw1, dw2, du.astype(u.dtype), dz.T.astype(z.dtype), jnp.moveaxis(raw, 0, 1)
+
+
+_scan_stats = jax.custom_vjp(lambda w1, w2, u, z, sink: _scan_stats_fwd(w1, w2, u, z, sink)[0])
+_scan_stats.defvjp(_scan_stats_fwd, _scan_stats_bwd)
+
+
 def resolve_dispatch(dispatch: str) -> str:
     """``auto`` -> ``scan`` on the CPU backend, ``dense`` elsewhere; other modes unchanged."""
     if dispatch == "auto":

@@ -27,7 +27,16 @@ def route_moe(params: dict, u: jax.Array, cfg: ModelConfig) -> Route:
 
 
 def moe_core(params: dict, u: jax.Array, z: jax.Array, probe: jax.Array | None,
-             dispatch: str = "dense", capacity_frac: float = 1.0) -> jax.Array:
-    """``sum_e z_e E_e(u)`` (+ zero probe): u (B,T,D), z (B,T,E) -> (B,T,D)."""
-    a = experts.apply(params["bank"], u, z, dispatch, capacity_frac)
+             dispatch: str = "dense", capacity_frac: float = 1.0,
+             stats_sink: jax.Array | None = None) -> jax.Array:
+    """``sum_e z_e E_e(u)`` (+ zero probe): u (B,T,D), z (B,T,E) -> (B,T,D).
+
+    With a zero ``stats_sink`` (B,T,E,3) (``transformer.probe_shapes``, ``scan`` evaluation
+    only) the experts are evaluated by ``experts.apply_scan_stats``: the sink's cotangent is the
+    SARS statistics of the FFN experts, taken from their backward pass.
+    """
+    if stats_sink is not None:
+        a = experts.apply_scan_stats(params["bank"], u, z, stats_sink)
+    else:
+        a = experts.apply(params["bank"], u, z, dispatch, capacity_frac)
     return a if probe is None else a + probe.astype(a.dtype)

@@ -60,6 +60,7 @@ def init_halting(cfg: ModelConfig) -> dict:
     return {"w": jnp.zeros((cfg.hidden, 2), jnp.float32), "b": jnp.array([-5.0, 0.0], jnp.float32)}
 
 
+FFN_STATS = "ffn_stats"  # probe key of the FFN experts' statistics sink (transformer.probe_shapes)
 ROUTING_NAME = "routing"  # checkpoint name of the routing decisions (bool masks)
 
 
@@ -121,7 +122,8 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
         rf = moe.route_moe(block["ffn"], uf, cfg)
         x = x + moe.moe_core(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"],
-                             cfg.ffn_dispatch, cfg.capacity_frac).astype(dt)
+                             cfg.ffn_dispatch, cfg.capacity_frac,
+                             None if probes is None else probes.get(FFN_STATS)).astype(dt)
         res.update(u_ffn=uf, z_ffn=rf.z, k_ffn=rf.k)
         if cfg.ffn_dispatch == "sparse":
             cap_f = experts.capacity(uf.size // uf.shape[-1], cfg.capacity_frac)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import recursion
+from tinyonn_jax.model import experts, recursion
 from tinyonn_jax.model.norm import init_layer_norm, layer_norm
 
 Params = dict
@@ -51,10 +51,19 @@ def make_readout(cfg: ModelConfig):
 
 
 def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the zero probes: one per call site kind, stacked over steps."""
+    """Shapes of the zero probes: one per call site kind, stacked over steps.
+
+    When the FFN experts are evaluated one at a time (``scan``), a statistics sink
+    ``recursion.FFN_STATS`` (S,B,T,E,3) joins them: its cotangent is the FFN's SARS statistics,
+    computed by the experts' own backward pass (``experts.apply_scan_stats``).
+    """
     s, h, dh = cfg.max_refinement_steps, cfg.num_heads, cfg.head_dim
-    return {site: (s, batch, length, cfg.hidden) if site == "ffn" else (s, batch, length, h, dh)
-            for site in cfg.routed_sites}
+    shapes = {site: (s, batch, length, cfg.hidden) if site == "ffn" else (s, batch, length, h, dh)
+              for site in cfg.routed_sites}
+    if "ffn" in shapes and experts.resolve_dispatch(cfg.ffn_dispatch) == "scan":
+        shapes[recursion.FFN_STATS] = (s, batch, length, cfg.num_ffn_experts,
+                                       len(experts.STAT_CHANNELS))
+    return shapes
 
 
 def zero_probes(cfg: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.model import routing
+from tinyonn_jax.model.recursion import FFN_STATS
 from tinyonn_jax.sars import losses, surprise
 
 
@@ -59,7 +60,9 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
             got = surprise.dense_token_stats(lib, x["u_attn"], zs, gs, importance,
                                              cfg.attn_dispatch)
         stats.update(zip(attn_sites, got, strict=True))
-    if "z_ffn" in x:
+    if "s_ffn" in x:  # the FFN experts' backward pass computed them (experts.apply_scan_stats)
+        stats["ffn"] = surprise.stats_from_sink(x["z_ffn"], x["g_ffn"], x["s_ffn"], importance)
+    elif "z_ffn" in x:
         bank = block["ffn"]["bank"]
         if cfg.ffn_dispatch == "sparse":
             stats["ffn"] = surprise.token_stats_sparse(bank, x["u_ffn"], x["z_ffn"], x["g_ffn"],
@@ -81,6 +84,8 @@ def sars_pass(params: dict, aux: dict, g_probes: dict, valid: jax.Array, cfg: Mo
         xs[u_key] = aux[u_key]
         xs[f"z_{site}"] = aux[f"z_{site}"]
         xs[f"g_{site}"] = g_probes[site]
+    if FFN_STATS in g_probes:
+        xs["s_ffn"] = g_probes[FFN_STATS]
     leaves = _router_leaves(params, cfg)
 
     def step_loss(lv, x, stats):

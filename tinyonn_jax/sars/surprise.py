@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.model import experts
+from tinyonn_jax.model.recursion import FFN_STATS
 from tinyonn_jax.model.routing import mas
 
 
@@ -78,6 +79,15 @@ def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[j
         out.append(site_stats(z, g, z * _norm(gw * da) * u_norm, z * _norm(g)[..., None] * a_norm,
                               z * jnp.sum(gw * a, axis=-1), importance))
     return tuple(out)
+
+
+def stats_from_sink(z: jax.Array, g: jax.Array, raw: jax.Array, importance: str) -> SiteStats:
+    """SiteStats from the cotangent of a statistics sink (``experts.apply_scan_stats``).
+
+    raw (..., P, 3) holds ``experts.STAT_CHANNELS`` per pair, unweighted; z (..., P); g (...,
+    Dout) only serves the ``output_grad`` importance.
+    """
+    return site_stats(z, g, z * raw[..., 1], z * raw[..., 0], z * raw[..., 2], importance)
 
 
 def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
@@ -190,7 +200,10 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
         q, k, v = jax.lax.map(attn_step, (aux["u_attn"], aux["z_q"], aux["z_k"], aux["z_v"],
                                           g_probes["q"], g_probes["k"], g_probes["v"]))
         stats.update(q=q, k=k, v=v)
-    if "ffn" in cfg.routed_sites:
+    if FFN_STATS in g_probes:  # computed by the FFN experts' backward pass
+        stats["ffn"] = stats_from_sink(aux["z_ffn"], g_probes["ffn"], g_probes[FFN_STATS],
+                                       importance)
+    elif "ffn" in cfg.routed_sites:
         def ffn_step(xs):
             u, z, g = xs
             if cfg.ffn_dispatch == "sparse":
