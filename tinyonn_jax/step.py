@@ -158,10 +158,10 @@ def step_metrics(cfg: Config, batch: Batch, logits, aux, parts, sars_metrics, me
     vt = valid.reshape(1, *valid.shape, 1, 1)
     if "q" in present:
         m["experts/usage_attn"] = jnp.mean(jnp.stack(
-            [jnp.sum((aux[f"z_{c}"] > 0) * vt, axis=(0, 1, 2, 3)) for c in "qkv"]),
+            [jnp.sum(aux[f"mask_{c}"] * vt, axis=(0, 1, 2, 3)) for c in "qkv"]),
             0) / jnp.maximum(jnp.sum(valid) * s * cfg.model.num_heads, 1.0)
     if "ffn" in present:
-        m["experts/usage_ffn"] = jnp.sum((aux["z_ffn"] > 0) * valid[None, ..., None],
+        m["experts/usage_ffn"] = jnp.sum(aux["mask_ffn"] * valid[None, ..., None],
                                          axis=(0, 1, 2)) / jnp.maximum(jnp.sum(valid) * s, 1.0)
     m.update(sars_metrics)
     surprise_s = sars_metrics.get("sars/C_mean", jnp.float32(0.0))

@@ -110,7 +110,7 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
                                          ctx.segment_ids, cfg).astype(dt)
         res = {"u_attn": u}
         for c, r in routes.items():
-            res[f"z_{c}"], res[f"k_{c}"] = r.z, r.k
+            res[f"z_{c}"], res[f"mask_{c}"], res[f"k_{c}"] = r.z, r.mask, r.k
         if cfg.attn_dispatch == "sparse":  # q, k, v share one dispatch of the library
             cap = experts.capacity(u.size // u.shape[-1], cfg.attn_capacity)
             kept = experts.kept_pairs(experts.union_mask([r.z > 0 for r in routes.values()]), cap)
@@ -124,7 +124,7 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
         x = x + moe.moe_core(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"],
                              cfg.ffn_dispatch, cfg.capacity_frac,
                              None if probes is None else probes.get(FFN_STATS)).astype(dt)
-        res.update(u_ffn=uf, z_ffn=rf.z, k_ffn=rf.k)
+        res.update(u_ffn=uf, z_ffn=rf.z, mask_ffn=rf.mask, k_ffn=rf.k)
         if cfg.ffn_dispatch == "sparse":
             cap_f = experts.capacity(uf.size // uf.shape[-1], cfg.capacity_frac)
             res["overflow_ffn"] = experts.overflow_count(rf.z > 0, cap_f)

@@ -79,8 +79,9 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
             probes: dict | None = None) -> tuple[jax.Array, dict]:
     """tokens (B,T) int -> logits (B,T,V) float32 after all refinement steps, aux residuals.
 
-    aux keys (leading axis S = refinement steps): u_attn (S,B,T,H,Dh), z_q/z_k/z_v (S,B,T,H,P),
-    k_q/k_k/k_v (S,B,T,H), u_ffn (S,B,T,D), z_ffn (S,B,T,E), k_ffn (S,B,T), hidden (S,B,T,D),
+    aux keys (leading axis S = refinement steps): u_attn (S,B,T,H,Dh), z_q/z_k/z_v (S,B,T,H,P)
+    with their bool decisions mask_q/mask_k/mask_v, k_q/k_k/k_v (S,B,T,H), u_ffn (S,B,T,D),
+    z_ffn and mask_ffn (S,B,T,E), k_ffn (S,B,T), hidden (S,B,T,D),
     logits (S,B,T,V), halt_logits (S,B,2); plus 'context' (positions, segment ids).
     """
     ctx = recursion.make_context(tokens, positions, segment_ids)

@@ -1,10 +1,13 @@
 """One pass of SARS over the refinement steps: statistics, goodness, meta loss and its gradient.
 
 ``lax.scan`` over steps: for each step the closed-form per-token statistics of every call site
-(``surprise``), the goodness, the meta loss of that step and its gradient with respect to the
-routing parameters, and running sums for the metrics. Nothing of size (S, tokens, experts) is
-kept beyond the forward residuals and probe cotangents the backward pass produced anyway, so
-the memory of a SARS step grows with the refinement steps only as fast as the main step's does.
+(``surprise``; those of the FFN experts under the ``scan`` evaluation come ready from their own
+backward pass, ``experts.apply_scan_stats``), the goodness, the meta loss of that step and its
+gradient with respect to the routing parameters, and running sums for the metrics. Per step and
+site it reads the expert inputs u, the bool routing decisions and the probe cotangents; the
+routing weights z are rebuilt from u and the decisions (a small matmul) rather than kept in f32
+for every step. Nothing of size (S, tokens, experts) is kept beyond that, so the memory of a
+SARS step grows with the refinement steps only as fast as the main step's does.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ def _scatter_router_grads(params: dict, g: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def _routing_weights(u: jax.Array, proto: jax.Array, gate: jax.Array, mask: jax.Array,
+                     mode: str) -> jax.Array:
+    """The forward's routing weights z from its expert inputs and decisions (``routing.route``
+    with the decision given): SARS keeps one bool mask per step and site, not the f32 z."""
+    scores = routing.prototype_scores(u, proto, gate)
+    return jax.lax.stop_gradient(routing.weights(scores, mask, mode))
+
+
 def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dict:
     block = params["block"]
     stats = {}
@@ -61,7 +72,8 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
                                              cfg.attn_dispatch)
         stats.update(zip(attn_sites, got, strict=True))
     if "s_ffn" in x:  # the FFN experts' backward pass computed them (experts.apply_scan_stats)
-        stats["ffn"] = surprise.stats_from_sink(x["z_ffn"], x["g_ffn"], x["s_ffn"], importance)
+        stats["ffn"] = surprise.stats_from_sink(x["z_ffn"], x.get("g_ffn"), x["s_ffn"],
+                                                importance)
     elif "z_ffn" in x:
         bank = block["ffn"]["bank"]
         if cfg.ffn_dispatch == "sparse":
@@ -82,10 +94,12 @@ def sars_pass(params: dict, aux: dict, g_probes: dict, valid: jax.Array, cfg: Mo
     xs = {}
     for site, (*_, u_key) in routers.items():
         xs[u_key] = aux[u_key]
-        xs[f"z_{site}"] = aux[f"z_{site}"]
+        xs[f"mask_{site}"] = aux[f"mask_{site}"]  # z is rebuilt per step from u and the mask
+        if site == "ffn" and FFN_STATS in g_probes:  # computed by the experts' backward pass
+            xs["s_ffn"] = g_probes[FFN_STATS]
+            if importance != "output_grad":
+                continue  # then the output cotangent is not needed (nor kept for this pass)
         xs[f"g_{site}"] = g_probes[site]
-    if FFN_STATS in g_probes:
-        xs["s_ffn"] = g_probes[FFN_STATS]
     leaves = _router_leaves(params, cfg)
 
     def step_loss(lv, x, stats):
@@ -101,12 +115,15 @@ def sars_pass(params: dict, aux: dict, g_probes: dict, valid: jax.Array, cfg: Mo
 
     def body(carry, x):
         loss_acc, grad_acc, sums = carry
+        x = dict(x)
+        for site, (proto, gate, mode, _, u_key) in routers.items():
+            x[f"z_{site}"] = _routing_weights(x[u_key], proto, gate, x[f"mask_{site}"], mode)
         stats = _step_stats(params, x, cfg, importance)
         loss, grad = jax.value_and_grad(step_loss)(leaves, x, stats)
         new = {}
         for site, st in stats.items():
             w = valid.reshape(*valid.shape, *([1] * (st.c.ndim - 2)))
-            active = (x[f"z_{site}"] > 0) * w
+            active = x[f"mask_{site}"] * w
             new[site] = jnp.stack([jnp.sum(st.c * active), jnp.sum(st.o * active),
                                    jnp.sum((st.goodness > 0) * active),
                                    jnp.sum((st.goodness < 0) * active), jnp.sum(active)])

@@ -81,11 +81,12 @@ def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[j
     return tuple(out)
 
 
-def stats_from_sink(z: jax.Array, g: jax.Array, raw: jax.Array, importance: str) -> SiteStats:
+def stats_from_sink(z: jax.Array, g: jax.Array | None, raw: jax.Array,
+                    importance: str) -> SiteStats:
     """SiteStats from the cotangent of a statistics sink (``experts.apply_scan_stats``).
 
     raw (..., P, 3) holds ``experts.STAT_CHANNELS`` per pair, unweighted; z (..., P); g (...,
-    Dout) only serves the ``output_grad`` importance.
+    Dout) only serves the ``output_grad`` importance (may be None for ``attribution``).
     """
     return site_stats(z, g, z * raw[..., 1], z * raw[..., 0], z * raw[..., 2], importance)
 
