@@ -77,14 +77,16 @@ def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
     frac = k / tokens
     for mode in ("dense", "sparse"):
         def step(b, x, m=DENSE if mode == "dense" else mode):  # L = sum(A^2): g = dL/dA = 2A
+            if experts.stats_sink_dispatch(m):  # statistics from the backward (as in training)
+                sink = jnp.zeros((*z.shape, len(experts.STAT_CHANNELS)))
+                a, vjp = jax.vjp(lambda b, x, s: experts.apply_with_stats(b, x, z, s, m, frac),
+                                 b, x, sink)
+                *grads, raw = vjp(2.0 * a)
+                return grads, surprise.stats_from_sink(z, None, raw, "attribution").goodness
             a, vjp = jax.vjp(lambda b, x: experts.apply(b, x, z, m, frac), b, x)
             g = 2.0 * a
-            grads = vjp(g)
-            if m == "sparse":
-                st = surprise.token_stats_sparse(b, x, z, g, frac, "attribution")
-            else:
-                st = surprise.dense_token_stats(b, x, (z,), (g,), "attribution", m)[0]
-            return grads, st.goodness
+            st = surprise.dense_token_stats(b, x, (z,), (g,), "attribution", m)[0]
+            return vjp(g), st.goodness
 
         fn = jax.jit(step)
         out[f"{mode}_s"] = time_fn(fn, bank, u, reps=reps)

@@ -231,16 +231,18 @@ def test_scan_stats_backward_gives_the_grads_and_the_sars_statistics(dtype):
                                    np.asarray(getattr(want, name)), **tol)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
-def test_train_step_sars_from_the_ffn_backward_equals_batched(remat):
+@pytest.mark.parametrize("remat,ffn_dispatch", [("none", "scan"), ("full", "scan"),
+                                                 ("save_dots", "scan"), ("full", "sparse")])
+def test_train_step_sars_from_the_ffn_backward_equals_batched(remat, ffn_dispatch):
     """The train step's SARS quantities are the same whether the FFN statistics come from the
-    experts' backward pass (``scan``) or are recomputed from the probes (batched dense)."""
+    experts' backward pass (``scan``, ``sparse``) or are recomputed from the probes (batched)."""
     from tinyonn_jax.config import Config
     from tinyonn_jax.model import recursion
     from tinyonn_jax.step import compute_gradients
 
-    dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense", remat=remat)
-    scan = dataclasses.replace(dense, ffn_dispatch="scan")
+    dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense", remat=remat,
+                              capacity_frac=1.0)
+    scan = dataclasses.replace(dense, ffn_dispatch=ffn_dispatch)
     assert recursion.FFN_STATS in tr.zero_probes(scan, B, T)
     assert recursion.FFN_STATS not in tr.zero_probes(dense, B, T)
     params = tr.init_params(jax.random.key(0), dense)
@@ -259,3 +261,30 @@ def test_train_step_sars_from_the_ffn_backward_equals_batched(remat):
         sign_share = k in ("sars/goodness_pos", "sars/goodness_neg")
         np.testing.assert_allclose(got.sars_metrics[k], want.sars_metrics[k], rtol=1e-5,
                                    atol=0.03 if sign_share else 1e-7)
+
+
+@pytest.mark.parametrize("frac", [1.0, 0.3])  # 0.3: some experts overflow
+def test_sparse_stats_backward_gives_the_grads_and_the_sparse_statistics(frac):
+    """``apply_sparse_stats``: output and gradients of ``apply_sparse``; statistics of
+    ``token_stats_sparse`` (exact on dispatched pairs, zero on dropped and inactive ones)."""
+    bank = experts.init_bank(jax.random.key(0), 5, 4, 6, 3)
+    u = jax.random.normal(jax.random.key(1), (2, 7, 4))
+    z = jax.nn.relu(jax.random.normal(jax.random.key(2), (2, 7, 5)))
+    g = jax.random.normal(jax.random.key(3), (2, 7, 3))
+    sink = jnp.zeros((2, 7, 5, len(experts.STAT_CHANNELS)))
+    out, vjp = jax.vjp(lambda b, u, z, s: experts.apply_sparse_stats(b, u, z, s, frac),
+                       bank, u, z, sink)
+    ref, vjp_ref = jax.vjp(lambda b, u, z: experts.apply_sparse(b, u, z, frac), bank, u, z)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    *grads, raw = vjp(g)
+    chex.assert_trees_all_close(tuple(grads), vjp_ref(g), rtol=1e-5, atol=1e-6)
+    want = surprise.token_stats_sparse(bank, u, z, g, frac, "attribution")
+    got = surprise.stats_from_sink(z, g, raw, "attribution")
+    for name in ("c", "c_w1", "c_w2", "o"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5,
+                                   atol=1e-6)
+    dropped = (z > 0) & (want.c == 0)
+    assert (int(experts.overflow_count(z.reshape(-1, 5) > 0,
+                                       experts.capacity(14, frac))) > 0) == (frac < 1)
+    assert bool(jnp.all(got.c[dropped] == 0)) and int(jnp.sum(dropped)) == int(
+        experts.overflow_count(z.reshape(-1, 5) > 0, experts.capacity(14, frac)))

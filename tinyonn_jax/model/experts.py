@@ -186,14 +186,44 @@ def apply_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
     return tuple(a.astype(u.dtype).reshape(*lead, a.shape[-1]) for a in acc)
 
 
-# --- one expert at a time, SARS statistics from the backward pass ---------------------------
+# --- SARS statistics from the backward pass --------------------------------------------------
 # The per-pair SARS quantities (``sars/surprise.py``) are by-products of the backward pass of
 # ``sum_p z_p E_p(u)``: with gw_p = g W2_p^T, the backward forms dh_p = z_p gw_p * silu'(h_p)
-# and dL/dz_p = <gw_p, a_p> = <g, E_p(u)>. ``apply_scan_stats`` has its own backward rule that
-# returns them, as the cotangent of a zero ``sink``, from the pre-activations its forward kept:
-# the statistics cost row norms instead of two more matmuls per expert.
+# and dL/dz_p = <gw_p, a_p> = <g, E_p(u)>. ``apply_scan_stats`` and ``apply_sparse_stats`` have
+# their own backward rule that returns them, as the cotangent of a zero ``sink``, from the
+# pre-activations their forward kept: the statistics cost row norms instead of two more matmuls
+# per expert. Both loop over experts with ``lax.scan`` (two plain matmuls per expert).
 
 STAT_CHANNELS = ("g_norm_a_norm", "gwd_norm_u_norm", "g_dot_y")  # the sink's last axis
+
+
+def _row_norm(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), -1))
+
+
+def _expert_forward(w1: jax.Array, w2: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One expert on rows x (R, Din): pre-activations h (R, F) and output y (R, Dout)."""
+    h = x @ w1.astype(x.dtype)
+    return h, jax.nn.silu(h) @ w2.astype(x.dtype)
+
+
+def _expert_backward(w1, w2, x, w, h, g):
+    """Backward of ``w[:, None] * E(x)`` for one expert, rows x (R, Din), weights w (R,), kept
+    pre-activations h (R, F), output cotangent g (R, Dout).
+
+    Returns dW1, dW2, dx (R, Din) in float32, dw (R,) = <g, E(x)> and the statistics (R, 3).
+    """
+    sig = jax.nn.sigmoid(h)
+    a = h * sig
+    gw = g @ w2.T.astype(g.dtype)  # (R, F): the output cotangent through W2
+    gwd = gw * (sig * (1.0 + h * (1.0 - sig)))  # ... and through the SiLU
+    dh = w.astype(gwd.dtype)[:, None] * gwd
+    dw1 = (x.T @ dh).astype(w1.dtype)
+    dw2 = (a.T @ (w.astype(g.dtype)[:, None] * g)).astype(w2.dtype)
+    dx = (dh @ w1.T.astype(dh.dtype)).astype(jnp.float32)
+    dw = jnp.sum((gw * a).astype(jnp.float32), -1)
+    raw = jnp.stack([_row_norm(g) * _row_norm(a), _row_norm(gwd) * _row_norm(x), dw], -1)
+    return dw1, dw2, dx, dw, raw
 
 
 def apply_scan_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array) -> jax.Array:
@@ -214,8 +244,7 @@ def _scan_stats_fwd(w1, w2, u, z, sink):
 
     def one_expert(acc, xs):
         a1, a2, zp = xs  # (Din, F), (F, Dout), (N,)
-        h = u @ a1.astype(u.dtype)
-        y = jax.nn.silu(h) @ a2.astype(u.dtype)
+        h, y = _expert_forward(a1, a2, u)
         return acc + zp.astype(jnp.float32)[:, None] * y.astype(jnp.float32), h
 
     acc = jnp.zeros((u.shape[0], w2.shape[-1]), jnp.float32)
@@ -225,31 +254,84 @@ def _scan_stats_fwd(w1, w2, u, z, sink):
 
 def _scan_stats_bwd(res, g):
     w1, w2, u, z, hs = res
-    f32 = jnp.float32
-    g_norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(f32)), -1))
-    u_norm = jnp.sqrt(jnp.sum(jnp.square(u.astype(f32)), -1))
 
     def one_expert(du, xs):
         a1, a2, zp, h = xs
-        sig = jax.nn.sigmoid(h)
-        a = h * sig
-        gw = g @ a2.T.astype(g.dtype)  # (N, F): the output cotangent through W2_p
-        gwd = gw * (sig * (1.0 + h * (1.0 - sig)))  # ... and through the SiLU
-        dh = zp.astype(gwd.dtype)[:, None] * gwd
-        dw1 = (u.T @ dh).astype(a1.dtype)
-        dw2 = (a.T @ (zp.astype(g.dtype)[:, None] * g)).astype(a2.dtype)
-        dz = jnp.sum((gw * a).astype(f32), -1)  # <g, E_p(u)>
-        norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(f32)), -1))  # noqa: E731
-        raw = jnp.stack([g_norm * norm(a), norm(gwd) * u_norm, dz], -1)  # (N, 3)
-        return du + (dh @ a1.T.astype(dh.dtype)).astype(f32), (dw1, dw2, dz, raw)
+        dw1, dw2, dx, dz, raw = _expert_backward(a1, a2, u, zp, h, g)
+        return du + dx, (dw1, dw2, dz, raw)
 
-    du = jnp.zeros(u.shape, f32)
-    du, (dw1, dw2, dz, raw) = jax.lax.scan(one_expert, du, (w1, w2, z.T, hs))
+    du, (dw1, dw2, dz, raw) = jax.lax.scan(one_expert, jnp.zeros(u.shape, jnp.float32),
+                                           (w1, w2, z.T, hs))
     return dw1, dw2, du.astype(u.dtype), dz.T.astype(z.dtype), jnp.moveaxis(raw, 0, 1)
 
 
 _scan_stats = jax.custom_vjp(lambda w1, w2, u, z, sink: _scan_stats_fwd(w1, w2, u, z, sink)[0])
 _scan_stats.defvjp(_scan_stats_fwd, _scan_stats_bwd)
+
+
+def apply_sparse_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array,
+                       frac: float) -> jax.Array:
+    """``apply_sparse`` with the statistics sink of ``apply_scan_stats`` (..., P, 3).
+
+    The active pairs are gathered into expert slots as in ``apply_sparse``; each slot reads its
+    pair's sink entry, so the statistics land on the pairs the forward computed and are zero for
+    inactive and dropped pairs (as z is).
+    """
+    lead, p = u.shape[:-1], z.shape[-1]
+    u2, z2 = u.reshape(-1, u.shape[-1]), z.reshape(-1, p)
+    s2 = sink.reshape(-1, p, len(STAT_CHANNELS))
+    n = u2.shape[0]
+    idx = dispatch_indices(jax.lax.stop_gradient(z2) > 0, capacity(n, frac))  # (P, C)
+    sp = jnp.concatenate([s2, jnp.zeros((1, *s2.shape[1:]), s2.dtype)])
+    se = sp[idx, jnp.arange(p)[:, None]]  # (P, C, 3): each slot's (row, expert) entry
+    ye = _slots_stats(bank["w1"], bank["w2"], gather_slots(u2, idx), slot_weights(z2, idx), se)
+    return scatter_rows(ye, idx, n).reshape(*lead, ye.shape[-1])
+
+
+def _slots_stats_fwd(w1, w2, xe, we, se):
+    del se
+
+    def one_expert(_, xs):
+        a1, a2, x, w = xs  # (Din, F), (F, Dout), (C, Din), (C,)
+        h, y = _expert_forward(a1, a2, x)
+        return None, ((w.astype(y.dtype)[:, None] * y), h)
+
+    _, (ye, hs) = jax.lax.scan(one_expert, None, (w1, w2, xe, we))
+    return ye, (w1, w2, xe, we, hs)
+
+
+def _slots_stats_bwd(res, ge):
+    w1, w2, xe, we, hs = res
+
+    def one_expert(_, xs):
+        a1, a2, x, w, h, g = xs
+        dw1, dw2, dx, dw, raw = _expert_backward(a1, a2, x, w, h, g)
+        return None, (dw1, dw2, dx.astype(x.dtype), dw.astype(w.dtype), raw)
+
+    _, grads = jax.lax.scan(one_expert, None, (w1, w2, xe, we, hs, ge))
+    return grads
+
+
+_slots_stats = jax.custom_vjp(
+    lambda w1, w2, xe, we, se: _slots_stats_fwd(w1, w2, xe, we, se)[0])
+_slots_stats.defvjp(_slots_stats_fwd, _slots_stats_bwd)
+
+
+def apply_with_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array, dispatch: str,
+                     frac: float) -> jax.Array:
+    """``apply`` for the evaluations that return SARS statistics through a sink (``scan`` and
+    ``sparse``; see ``stats_sink_dispatch``)."""
+    dispatch = resolve_dispatch(dispatch)
+    if dispatch == "sparse":
+        return apply_sparse_stats(bank, u, z, sink, frac)
+    if dispatch == "scan":
+        return apply_scan_stats(bank, u, z, sink)
+    raise ValueError(f"dispatch {dispatch!r} computes SARS statistics from probes, not a sink")
+
+
+def stats_sink_dispatch(dispatch: str) -> bool:
+    """Whether an expert bank evaluated this way returns its statistics through a sink."""
+    return resolve_dispatch(dispatch) in ("scan", "sparse")
 
 
 def resolve_dispatch(dispatch: str) -> str:

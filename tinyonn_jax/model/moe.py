@@ -31,12 +31,12 @@ def moe_core(params: dict, u: jax.Array, z: jax.Array, probe: jax.Array | None,
              stats_sink: jax.Array | None = None) -> jax.Array:
     """``sum_e z_e E_e(u)`` (+ zero probe): u (B,T,D), z (B,T,E) -> (B,T,D).
 
-    With a zero ``stats_sink`` (B,T,E,3) (``transformer.probe_shapes``, ``scan`` evaluation
-    only) the experts are evaluated by ``experts.apply_scan_stats``: the sink's cotangent is the
-    SARS statistics of the FFN experts, taken from their backward pass.
+    With a zero ``stats_sink`` (B,T,E,3) (``transformer.probe_shapes``; ``scan`` and ``sparse``
+    evaluation) the sink's cotangent is the SARS statistics of the FFN experts, taken from their
+    backward pass (``experts.apply_with_stats``).
     """
     if stats_sink is not None:
-        a = experts.apply_scan_stats(params["bank"], u, z, stats_sink)
+        a = experts.apply_with_stats(params["bank"], u, z, stats_sink, dispatch, capacity_frac)
     else:
         a = experts.apply(params["bank"], u, z, dispatch, capacity_frac)
     return a if probe is None else a + probe.astype(a.dtype)

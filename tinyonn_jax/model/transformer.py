@@ -53,14 +53,14 @@ def make_readout(cfg: ModelConfig):
 def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the zero probes: one per call site kind, stacked over steps.
 
-    When the FFN experts are evaluated one at a time (``scan``), a statistics sink
+    When the FFN experts are evaluated one at a time (``scan``) or sparsely, a statistics sink
     ``recursion.FFN_STATS`` (S,B,T,E,3) joins them: its cotangent is the FFN's SARS statistics,
-    computed by the experts' own backward pass (``experts.apply_scan_stats``).
+    computed by the experts' own backward pass (``experts.apply_with_stats``).
     """
     s, h, dh = cfg.max_refinement_steps, cfg.num_heads, cfg.head_dim
     shapes = {site: (s, batch, length, cfg.hidden) if site == "ffn" else (s, batch, length, h, dh)
               for site in cfg.routed_sites}
-    if "ffn" in shapes and experts.resolve_dispatch(cfg.ffn_dispatch) == "scan":
+    if "ffn" in shapes and experts.stats_sink_dispatch(cfg.ffn_dispatch):
         shapes[recursion.FFN_STATS] = (s, batch, length, cfg.num_ffn_experts,
                                        len(experts.STAT_CHANNELS))
     return shapes
