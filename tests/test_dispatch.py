@@ -232,7 +232,7 @@ def test_scan_stats_backward_gives_the_grads_and_the_sars_statistics(dtype):
 
 
 @pytest.mark.parametrize("remat,ffn_dispatch", [("none", "scan"), ("full", "scan"),
-                                                 ("save_dots", "scan"), ("full", "sparse")])
+                                                 ("full", "sparse")])
 def test_train_step_sars_from_the_ffn_backward_equals_batched(remat, ffn_dispatch):
     """The train step's SARS quantities are the same whether the FFN statistics come from the
     experts' backward pass (``scan``, ``sparse``) or are recomputed from the probes (batched)."""
