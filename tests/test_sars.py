@@ -331,13 +331,13 @@ def test_scanned_sars_pass_equals_direct_computation(variant, dispatch):
 @pytest.mark.parametrize("mode", ["capr", "topk", "dense"])
 def test_sars_pass_rebuilds_the_forward_routing_weights(mode):
     """The SARS pass keeps bool decisions per step and rebuilds z from u: the forward's z."""
-    from tinyonn_jax.sars import engine
+    from tinyonn_jax.model import routing
     from tinyonn_jax.sars import losses as meta_losses
 
     cfg = tiny_model_config(attn_routing=mode, ffn_routing=mode)
     params, inputs, _, _ = _data(cfg)
     _, aux = jax.jit(tr.forward, static_argnums=2)(params, inputs, cfg)
     for site, (proto, gate, m, _, u_key) in meta_losses.site_routers(params, cfg).items():
-        z = engine._routing_weights(aux[u_key], proto, gate, aux[f"mask_{site}"], m)
+        z = routing.weights_for_decision(aux[u_key], proto, gate, aux[f"mask_{site}"], m)
         np.testing.assert_array_equal(aux[f"mask_{site}"], aux[f"z_{site}"] > 0)
         np.testing.assert_allclose(z, aux[f"z_{site}"], rtol=1e-6, atol=1e-7)

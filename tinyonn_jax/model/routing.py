@@ -81,3 +81,10 @@ def route(u: jax.Array, proto: jax.Array, gate: jax.Array, mode: str, top_k: int
     mask = checkpoint_name(decide(scores, mode, top_k), "routing")
     z = weights(scores, mask, mode)
     return Route(scores=scores, mask=mask, z=z, k=jnp.sum(mask, axis=-1, dtype=jnp.int32))
+
+
+def weights_for_decision(u: jax.Array, proto: jax.Array, gate: jax.Array, mask: jax.Array,
+                         mode: str) -> jax.Array:
+    """``route(...).z`` for a decision already taken: the weights from the scores of u and the
+    given mask (SARS keeps every step's bool masks and rebuilds z from them)."""
+    return weights(prototype_scores(u, proto, gate), mask, mode)

@@ -1,13 +1,13 @@
 """One pass of SARS over the refinement steps: statistics, goodness, meta loss and its gradient.
 
 ``lax.scan`` over steps: for each step the closed-form per-token statistics of every call site
-(``surprise``; those of the FFN experts under the ``scan`` evaluation come ready from their own
-backward pass, ``experts.apply_scan_stats``), the goodness, the meta loss of that step and its
-gradient with respect to the routing parameters, and running sums for the metrics. Per step and
-site it reads the expert inputs u, the bool routing decisions and the probe cotangents; the
-routing weights z are rebuilt from u and the decisions (a small matmul) rather than kept in f32
-for every step. Nothing of size (S, tokens, experts) is kept beyond that, so the memory of a
-SARS step grows with the refinement steps only as fast as the main step's does.
+(``surprise``; those of the FFN experts under the ``scan`` and ``sparse`` evaluations come ready
+from their own backward pass, ``experts.apply_with_stats``), the goodness, the meta loss of that
+step and its gradient with respect to the routing parameters, and running sums for the metrics.
+Per step and site it reads the expert inputs u, the bool routing decisions and the probe
+cotangents; the routing weights z are rebuilt from u and the decisions (a small matmul) rather
+than kept in f32 for every step. Nothing of size (S, tokens, experts) is kept beyond that, so
+the memory of a SARS step grows with the refinement steps only as fast as the main step's does.
 """
 
 from __future__ import annotations
@@ -48,14 +48,6 @@ def _scatter_router_grads(params: dict, g: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def _routing_weights(u: jax.Array, proto: jax.Array, gate: jax.Array, mask: jax.Array,
-                     mode: str) -> jax.Array:
-    """The forward's routing weights z from its expert inputs and decisions (``routing.route``
-    with the decision given): SARS keeps one bool mask per step and site, not the f32 z."""
-    scores = routing.prototype_scores(u, proto, gate)
-    return jax.lax.stop_gradient(routing.weights(scores, mask, mode))
-
-
 def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dict:
     block = params["block"]
     stats = {}
@@ -71,7 +63,7 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
             got = surprise.dense_token_stats(lib, x["u_attn"], zs, gs, importance,
                                              cfg.attn_dispatch)
         stats.update(zip(attn_sites, got, strict=True))
-    if "s_ffn" in x:  # the FFN experts' backward pass computed them (experts.apply_scan_stats)
+    if "s_ffn" in x:  # the FFN experts' backward pass computed them (experts.apply_with_stats)
         stats["ffn"] = surprise.stats_from_sink(x["z_ffn"], x.get("g_ffn"), x["s_ffn"],
                                                 importance)
     elif "z_ffn" in x:
@@ -117,7 +109,8 @@ def sars_pass(params: dict, aux: dict, g_probes: dict, valid: jax.Array, cfg: Mo
         loss_acc, grad_acc, sums = carry
         x = dict(x)
         for site, (proto, gate, mode, _, u_key) in routers.items():
-            x[f"z_{site}"] = _routing_weights(x[u_key], proto, gate, x[f"mask_{site}"], mode)
+            x[f"z_{site}"] = jax.lax.stop_gradient(routing.weights_for_decision(
+                x[u_key], proto, gate, x[f"mask_{site}"], mode))
         stats = _step_stats(params, x, cfg, importance)
         loss, grad = jax.value_and_grad(step_loss)(leaves, x, stats)
         new = {}

@@ -83,7 +83,7 @@ def token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...], gs: tuple[j
 
 def stats_from_sink(z: jax.Array, g: jax.Array | None, raw: jax.Array,
                     importance: str) -> SiteStats:
-    """SiteStats from the cotangent of a statistics sink (``experts.apply_scan_stats``).
+    """SiteStats from the cotangent of a statistics sink (``experts.apply_with_stats``).
 
     raw (..., P, 3) holds ``experts.STAT_CHANNELS`` per pair, unweighted; z (..., P); g (...,
     Dout) only serves the ``output_grad`` importance (may be None for ``attribution``).
