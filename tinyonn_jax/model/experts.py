@@ -177,7 +177,7 @@ def apply_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
 
     def one_expert(acc, xs):
         w1, w2, zp = xs  # (Din, F), (F, Dout), (Z, N)
-        y = jax.nn.silu(u2 @ w1.astype(u.dtype)) @ w2.astype(u.dtype)
+        _, y = _expert_forward(w1, w2, u2)
         return acc + zp.astype(jnp.float32)[:, :, None] * y.astype(jnp.float32)[None], None
 
     body = jax.checkpoint(one_expert, policy=SCAN_REMAT[remat], prevent_cse=False)

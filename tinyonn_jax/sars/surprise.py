@@ -113,13 +113,13 @@ def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
         for g, g_norm in zip(g2s, g_norms, strict=True):  # sites sharing u, not experts
             gw = g @ w2.T
             per_site.append(jnp.stack([g_norm * a_norm, _norm(gw * da) * u_norm,
-                                       jnp.sum(gw * a, axis=-1)]))  # (3, N)
+                                       jnp.sum(gw * a, axis=-1)]))  # (3, N): STAT_CHANNELS
         return None, jnp.stack(per_site)  # (Z, 3, N)
 
     _, raw = jax.lax.scan(one_expert, None, (bank["w1"], bank["w2"]))  # (P, Z, 3, N)
-    raw = jnp.moveaxis(raw, 0, -1)  # (Z, 3, N, P)
-    raw = raw.reshape(*raw.shape[:2], *lead, p)  # (Z, 3, ..., P)
-    return tuple(site_stats(z, g, z * raw[i, 1], z * raw[i, 0], z * raw[i, 2], importance)
+    raw = jnp.transpose(raw, (1, 3, 0, 2))  # (Z, N, P, 3): the layout of a statistics sink
+    raw = raw.reshape(raw.shape[0], *lead, p, raw.shape[-1])
+    return tuple(stats_from_sink(z, g, raw[i], importance)
                  for i, (z, g) in enumerate(zip(zs, gs, strict=True)))
 
 
