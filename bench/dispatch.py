@@ -15,6 +15,10 @@ scores on the batch over all refinement steps; capacity = 1.5x the expected load
 serves):
   {"sites": "ffn" | "q+k+v+ffn", "active_frac": r, "dense_s": ..., "sparse_s": ...,
    "speedup": dense/sparse, "overflow": pairs dropped for capacity, ...}
+The FFN-only lines also time the step without FFN experts (``none_s``) and give the FFN experts'
+part of the train step: "ffn_dense_s" / "ffn_sparse_s" (step time minus ``none_s``),
+"ffn_speedup" (their ratio) and "max_step_speedup" (dense_s / none_s: the bound a free FFN
+would put on the whole-step speedup).
 "dense" is the default dense evaluation for the backend (``auto``: one expert at a time on CPU).
 Usage: python bench/dispatch.py [--seq-len 512] [--reps 2] [--layer-only]
 """
@@ -97,6 +101,23 @@ def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
     return out
 
 
+def ffn_share(base: Config, batch: dict, out: dict, reps: int) -> dict:
+    """The FFN experts' part of the train step, measured next to ``out``'s dense/sparse steps.
+
+    ``none_s`` is the same step without the FFN experts (``use_ffn=False``: no FFN routing,
+    experts, statistics sink or SARS site; attention, its library and its SARS unchanged). The
+    difference to it is what the FFN experts cost inside the step, and ``dense_s / none_s`` is
+    the largest whole-step speedup any FFN dispatch could reach (Amdahl: a free FFN).
+    """
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, use_ffn=False))
+    fn, state, _, _ = compiled_step(cfg, batch)
+    none_s = time_fn(lambda s: fn(s, batch)[1]["train/loss"], state, reps=reps)
+    dense, sparse = out["dense_s"] - none_s, out["sparse_s"] - none_s
+    return {"none_s": none_s, "ffn_dense_s": dense, "ffn_sparse_s": sparse,
+            "ffn_speedup": dense / sparse if sparse > 0 else float("inf"),
+            "max_step_speedup": out["dense_s"] / none_s}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seq-len", type=int, default=512)
@@ -136,6 +157,8 @@ def main() -> None:
                     out["measured_active_frac"] = float(jnp.mean(aux["z_ffn"] > 0))
                     out["overflow"] = int(sum(jnp.sum(aux[f"overflow_{c}"]) for c in sites))
             out["speedup"] = out["dense_s"] / out["sparse_s"]
+            if not attn:
+                out.update(ffn_share(base, batch, out, a.reps))
             emit(out)
 
 
