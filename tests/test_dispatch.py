@@ -231,20 +231,50 @@ def test_scan_stats_backward_gives_the_grads_and_the_sars_statistics(dtype):
                                    np.asarray(getattr(want, name)), **tol)
 
 
-@pytest.mark.parametrize("remat,ffn_dispatch", [("none", "scan"), ("full", "scan"),
-                                                 ("full", "sparse")])
-def test_train_step_sars_from_the_ffn_backward_equals_batched(remat, ffn_dispatch):
-    """The train step's SARS quantities are the same whether the FFN statistics come from the
-    experts' backward pass (``scan``, ``sparse``) or are recomputed from the probes (batched)."""
+@pytest.mark.parametrize("keep_hidden", [False, True])
+def test_shared_scan_stats_backward_gives_every_weighting_its_statistics(keep_hidden):
+    """``apply_scan_stats_shared`` (the q, k, v of the latent-head library): outputs and
+    gradients of ``apply_scan``; the sink's cotangent holds each weighting's own statistics."""
+    bank = experts.init_bank(jax.random.key(0), 5, 4, 6, 4)
+    u = jax.random.normal(jax.random.key(1), (2, 7, 3, 4))  # (B, T, H, Dh)
+    zs = tuple(jax.nn.relu(jax.random.normal(jax.random.key(2 + i), (2, 7, 3, 5)))
+               for i in range(3))
+    gs = tuple(jax.random.normal(jax.random.key(7 + i), (2, 7, 3, 4)) for i in range(3))
+    sink = jnp.zeros((2, 7, 3, 5, 3, len(experts.STAT_CHANNELS)))
+    out, vjp = jax.vjp(lambda b, u, zs, s: experts.apply_scan_stats_shared(b, u, zs, s,
+                                                                           keep_hidden),
+                       bank, u, zs, sink)
+    ref, vjp_ref = jax.vjp(lambda b, u, zs: experts.apply_scan(b, u, zs), bank, u, zs)
+    chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
+    *grads, raw = vjp(gs)
+    chex.assert_trees_all_close(tuple(grads), vjp_ref(gs), rtol=1e-5, atol=1e-6)
+    want = surprise.token_stats(bank, u, zs, gs, "attribution")
+    for i, (z, g) in enumerate(zip(zs, gs, strict=True)):
+        got = surprise.stats_from_sink(z, g, raw[..., i, :], "attribution")
+        for name in ("c", "c_w1", "c_w2", "o", "goodness"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want[i], name), rtol=1e-5,
+                                       atol=1e-6)
+
+
+@pytest.mark.parametrize("remat,attn_dispatch,ffn_dispatch", [
+    ("none", "scan", "scan"),  # both statistics sinks
+    ("full", "scan", "scan"),  # FFN sink; the library's statistics recomputed after the backward
+    ("full", "dense", "sparse")])
+def test_train_step_sars_from_the_experts_backward_equals_batched(remat, attn_dispatch,
+                                                                  ffn_dispatch):
+    """The train step's SARS quantities are the same whether the statistics come from the
+    experts' backward pass (FFN: ``scan``, ``sparse``; latent-head library: ``scan`` without
+    remat) or are recomputed from the probes (batched)."""
     from tinyonn_jax.config import Config
     from tinyonn_jax.model import recursion
     from tinyonn_jax.step import compute_gradients
 
     dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense", remat=remat,
                               capacity_frac=1.0)
-    scan = dataclasses.replace(dense, ffn_dispatch=ffn_dispatch)
+    scan = dataclasses.replace(dense, attn_dispatch=attn_dispatch, ffn_dispatch=ffn_dispatch)
     assert recursion.FFN_STATS in tr.zero_probes(scan, B, T)
-    assert recursion.FFN_STATS not in tr.zero_probes(dense, B, T)
+    assert (recursion.ATTN_STATS in tr.zero_probes(scan, B, T)) == (remat == "none")
+    assert not {recursion.FFN_STATS, recursion.ATTN_STATS} & set(tr.zero_probes(dense, B, T))
     params = tr.init_params(jax.random.key(0), dense)
     toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": jnp.ones((B, T)),

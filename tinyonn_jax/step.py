@@ -78,7 +78,8 @@ class Gradients(NamedTuple):
     aux: dict  # forward residuals (see transformer.forward)
     parts: dict  # loss components
     sars_metrics: dict  # scalar SARS summaries ({} when SARS is off)
-    g_probes: dict | None  # dL/dA of every expert call site, (S, ...) per site
+    g_probes: dict | None  # dL/dA of every expert call site, (S, ...) per site, and the
+    # SARS statistics of the sinks (recursion.FFN_STATS / ATTN_STATS) when the probes have them
     meta_loss: jax.Array
 
 

@@ -74,17 +74,40 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def library_stats_in_backward(cfg: ModelConfig) -> bool:
+    """Whether the latent-head library returns its SARS statistics from its backward pass.
+
+    With ``scan`` evaluation, its backward forms each of q, k, v's cotangents through every
+    latent head anyway, so the statistics cost row norms there, where recomputing them after the
+    backward pass costs four more matmuls per latent head (``sars.surprise.token_stats_scan``).
+    They are kept per step as 3 sites x 3 values x P latent heads per (token, head), three
+    times the q, k, v cotangents at the default sizes: small next to the activations every
+    step keeps without remat, too much for ``remat`` (whose point is to keep little per step),
+    which therefore keeps the cotangents and computes the statistics afterwards.
+    """
+    return (cfg.attn_kind == "dynsiha" and cfg.remat == "none"
+            and experts.resolve_dispatch(cfg.attn_dispatch) == "scan")
+
+
 def compose_qkv(params: dict, u: jax.Array, z: dict[str, jax.Array],
                 probes: dict[str, jax.Array] | None, dispatch: str = "dense",
-                capacity_frac: float = 1.0) -> dict[str, jax.Array]:
+                capacity_frac: float = 1.0,
+                stats_sink: jax.Array | None = None) -> dict[str, jax.Array]:
     """q, k, v (B,T,H,Dh) = sum_p z_c,p E_p(u) (+ zero probe).
 
     The library is evaluated once and weighted three times. Dense (batched, or one expert at a
     time with ``scan``): on every (token, head, expert); sparse: on the (token, head, expert)
-    triples active for q, k or v, each once.
+    triples active for q, k or v, each once. With a zero ``stats_sink`` (B,T,H,P,3,3) (``scan``
+    only, see ``library_stats_in_backward``) the sink's cotangent is the SARS statistics of q, k
+    and v (``experts.apply_scan_stats_shared``).
     """
     dispatch = experts.resolve_dispatch(dispatch)
-    if dispatch == "sparse":
+    if stats_sink is not None:
+        if dispatch != "scan":
+            raise ValueError(f"a statistics sink needs the scan evaluation, not {dispatch!r}")
+        outs = experts.apply_scan_stats_shared(params["library"], u, tuple(z[c] for c in QKV),
+                                               stats_sink, keep_hidden=False)
+    elif dispatch == "sparse":
         outs = experts.apply_sparse_shared(params["library"], u, tuple(z[c] for c in QKV),
                                            capacity_frac)
     elif dispatch == "scan":
@@ -100,9 +123,10 @@ def compose_qkv(params: dict, u: jax.Array, z: dict[str, jax.Array],
 
 def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],
                    probes: dict[str, jax.Array] | None, positions: jax.Array,
-                   segment_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
+                   segment_ids: jax.Array, cfg: ModelConfig,
+                   stats_sink: jax.Array | None = None) -> jax.Array:
     """Everything after routing: compose q/k/v, RoPE, causal attention, o_proj -> (B,T,D)."""
-    qkv = compose_qkv(params, u, z, probes, cfg.attn_dispatch, cfg.attn_capacity)
+    qkv = compose_qkv(params, u, z, probes, cfg.attn_dispatch, cfg.attn_capacity, stats_sink)
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)

@@ -208,18 +208,19 @@ def _expert_forward(w1: jax.Array, w2: jax.Array, x: jax.Array) -> tuple[jax.Arr
 
 
 def _expert_backward(w1, w2, x, w, h, g):
-    """Backward of ``w[:, None] * E(x)`` for one expert, rows x (R, Din), weights w (R,), kept
-    pre-activations h (R, F), output cotangent g (R, Dout).
+    """Backward of ``sum_z w_z[:, None] * E(x)`` for one expert and Z weightings of the same rows:
+    rows x (R, Din), weights w (Z, R), pre-activations h (R, F), output cotangents g (Z, R, Dout).
 
-    Returns dW1, dW2, dx (R, Din) in float32, dw (R,) = <g, E(x)> and the statistics (R, 3).
+    Returns dW1, dW2, dx (R, Din) in float32, dw (Z, R) = <g_z, E(x)> and the statistics
+    (Z, R, 3) of every weighting.
     """
     sig = jax.nn.sigmoid(h)
     a = h * sig
-    gw = g @ w2.T.astype(g.dtype)  # (R, F): the output cotangent through W2
+    gw = jnp.einsum("zro,fo->zrf", g, w2.astype(g.dtype))  # each cotangent through W2
     gwd = gw * (sig * (1.0 + h * (1.0 - sig)))  # ... and through the SiLU
-    dh = w.astype(gwd.dtype)[:, None] * gwd
+    dh = jnp.einsum("zr,zrf->rf", w.astype(gwd.dtype), gwd)
     dw1 = (x.T @ dh).astype(w1.dtype)
-    dw2 = (a.T @ (w.astype(g.dtype)[:, None] * g)).astype(w2.dtype)
+    dw2 = (a.T @ jnp.einsum("zr,zro->ro", w.astype(g.dtype), g)).astype(w2.dtype)
     dx = (dh @ w1.T.astype(dh.dtype)).astype(jnp.float32)
     dw = jnp.sum((gw * a).astype(jnp.float32), -1)
     raw = jnp.stack([_row_norm(g) * _row_norm(a), _row_norm(gwd) * _row_norm(x), dw], -1)
@@ -233,39 +234,59 @@ def apply_scan_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array) ->
     turns them into SiteStats. The forward keeps every expert's pre-activations (as ``apply``
     with ``scan`` does); gradients of bank, u and z equal those of ``apply_scan``.
     """
-    lead, p = u.shape[:-1], z.shape[-1]
-    out = _scan_stats(bank["w1"], bank["w2"], u.reshape(-1, u.shape[-1]), z.reshape(-1, p),
-                      sink.reshape(-1, p, len(STAT_CHANNELS)))
-    return out.reshape(*lead, out.shape[-1])
+    return apply_scan_stats_shared(bank, u, (z,), sink[..., None, :], keep_hidden=True)[0]
 
 
-def _scan_stats_fwd(w1, w2, u, z, sink):
+def apply_scan_stats_shared(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
+                            sink: jax.Array, keep_hidden: bool) -> tuple[jax.Array, ...]:
+    """``apply_scan`` for several weightings ``zs`` of one bank over the same inputs (the q, k
+    and v of the latent-head library), with a zero ``sink`` (..., P, Z, 3): its cotangent
+    holds ``STAT_CHANNELS`` per (row, expert, weighting), each from its own output cotangent.
+
+    ``keep_hidden``: the forward keeps every expert's pre-activations for the backward (wide
+    experts) instead of recomputing them there (narrow experts: one cheap matmul).
+    """
+    lead, p = u.shape[:-1], zs[0].shape[-1]
+    z3 = jnp.stack([z.reshape(-1, p) for z in zs])  # (Z, N, P)
+    out = _scan_stats(keep_hidden, bank["w1"], bank["w2"], u.reshape(-1, u.shape[-1]), z3,
+                      sink.reshape(-1, p, len(zs), len(STAT_CHANNELS)))
+    return tuple(o.reshape(*lead, o.shape[-1]) for o in out)
+
+
+def _scan_stats_fwd(keep_hidden, w1, w2, u, z, sink):
     del sink
 
     def one_expert(acc, xs):
-        a1, a2, zp = xs  # (Din, F), (F, Dout), (N,)
+        a1, a2, zp = xs  # (Din, F), (F, Dout), (Z, N)
         h, y = _expert_forward(a1, a2, u)
-        return acc + zp.astype(jnp.float32)[:, None] * y.astype(jnp.float32), h
+        acc = acc + zp.astype(jnp.float32)[:, :, None] * y.astype(jnp.float32)[None]
+        return acc, h if keep_hidden else None
 
-    acc = jnp.zeros((u.shape[0], w2.shape[-1]), jnp.float32)
-    acc, hs = jax.lax.scan(one_expert, acc, (w1, w2, z.T))
+    acc = jnp.zeros((z.shape[0], u.shape[0], w2.shape[-1]), jnp.float32)
+    acc, hs = jax.lax.scan(one_expert, acc, (w1, w2, jnp.moveaxis(z, -1, 0)))
     return acc.astype(u.dtype), (w1, w2, u, z, hs)
 
 
-def _scan_stats_bwd(res, g):
+def _scan_stats_bwd(keep_hidden, res, g):
     w1, w2, u, z, hs = res
 
     def one_expert(du, xs):
         a1, a2, zp, h = xs
+        if not keep_hidden:
+            h = u @ a1.astype(u.dtype)
         dw1, dw2, dx, dz, raw = _expert_backward(a1, a2, u, zp, h, g)
         return du + dx, (dw1, dw2, dz, raw)
 
     du, (dw1, dw2, dz, raw) = jax.lax.scan(one_expert, jnp.zeros(u.shape, jnp.float32),
-                                           (w1, w2, z.T, hs))
-    return dw1, dw2, du.astype(u.dtype), dz.T.astype(z.dtype), jnp.moveaxis(raw, 0, 1)
+                                           (w1, w2, jnp.moveaxis(z, -1, 0), hs))
+    # dz (P, Z, N) -> (Z, N, P); raw (P, Z, N, 3) -> the sink's (N, P, Z, 3)
+    return (dw1, dw2, du.astype(u.dtype), jnp.moveaxis(dz, 0, -1).astype(z.dtype),
+            jnp.transpose(raw, (2, 0, 1, 3)))
 
 
-_scan_stats = jax.custom_vjp(lambda w1, w2, u, z, sink: _scan_stats_fwd(w1, w2, u, z, sink)[0])
+_scan_stats = jax.custom_vjp(
+    lambda keep_hidden, w1, w2, u, z, sink: _scan_stats_fwd(keep_hidden, w1, w2, u, z, sink)[0],
+    nondiff_argnums=(0,))
 _scan_stats.defvjp(_scan_stats_fwd, _scan_stats_bwd)
 
 
@@ -305,8 +326,8 @@ def _slots_stats_bwd(res, ge):
 
     def one_expert(_, xs):
         a1, a2, x, w, h, g = xs
-        dw1, dw2, dx, dw, raw = _expert_backward(a1, a2, x, w, h, g)
-        return None, (dw1, dw2, dx.astype(x.dtype), dw.astype(w.dtype), raw)
+        dw1, dw2, dx, dw, raw = _expert_backward(a1, a2, x, w[None], h, g[None])
+        return None, (dw1, dw2, dx.astype(x.dtype), dw[0].astype(w.dtype), raw[0])
 
     _, grads = jax.lax.scan(one_expert, None, (w1, w2, xe, we, hs, ge))
     return grads

@@ -61,6 +61,7 @@ def init_halting(cfg: ModelConfig) -> dict:
 
 
 FFN_STATS = "ffn_stats"  # probe key of the FFN experts' statistics sink (transformer.probe_shapes)
+ATTN_STATS = "attn_stats"  # ... and of the latent-head library's (q, k, v)
 ROUTING_NAME = "routing"  # checkpoint name of the routing decisions (bool masks)
 
 
@@ -107,7 +108,9 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
         z = {c: r.z for c, r in routes.items()}
         attn_probes = None if probes is None else {c: probes[c] for c in attention.QKV}
         x = x + attention.attention_core(block["attn"], u, z, attn_probes, ctx.positions,
-                                         ctx.segment_ids, cfg).astype(dt)
+                                         ctx.segment_ids, cfg,
+                                         None if probes is None else probes.get(ATTN_STATS)
+                                         ).astype(dt)
         res = {"u_attn": u}
         for c, r in routes.items():
             res[f"z_{c}"], res[f"mask_{c}"], res[f"k_{c}"] = r.z, r.mask, r.k

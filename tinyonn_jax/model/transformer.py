@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import experts, recursion
+from tinyonn_jax.model import attention, experts, recursion
 from tinyonn_jax.model.norm import init_layer_norm, layer_norm
 
 Params = dict
@@ -55,7 +55,9 @@ def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[i
 
     When the FFN experts are evaluated one at a time (``scan``) or sparsely, a statistics sink
     ``recursion.FFN_STATS`` (S,B,T,E,3) joins them: its cotangent is the FFN's SARS statistics,
-    computed by the experts' own backward pass (``experts.apply_with_stats``).
+    computed by the experts' own backward pass (``experts.apply_with_stats``). Likewise
+    ``recursion.ATTN_STATS`` (S,B,T,H,P,3,3) for q, k, v of the latent-head library when
+    ``attention.library_stats_in_backward``.
     """
     s, h, dh = cfg.max_refinement_steps, cfg.num_heads, cfg.head_dim
     shapes = {site: (s, batch, length, cfg.hidden) if site == "ffn" else (s, batch, length, h, dh)
@@ -63,6 +65,9 @@ def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[i
     if "ffn" in shapes and experts.stats_sink_dispatch(cfg.ffn_dispatch):
         shapes[recursion.FFN_STATS] = (s, batch, length, cfg.num_ffn_experts,
                                        len(experts.STAT_CHANNELS))
+    if "q" in shapes and attention.library_stats_in_backward(cfg):
+        shapes[recursion.ATTN_STATS] = (s, batch, length, h, cfg.num_attn_experts,
+                                        len(attention.QKV), len(experts.STAT_CHANNELS))
     return shapes
 
 

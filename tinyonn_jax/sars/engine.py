@@ -1,13 +1,16 @@
 """One pass of SARS over the refinement steps: statistics, goodness, meta loss and its gradient.
 
 ``lax.scan`` over steps: for each step the closed-form per-token statistics of every call site
-(``surprise``; those of the FFN experts under the ``scan`` and ``sparse`` evaluations come ready
-from their own backward pass, ``experts.apply_with_stats``), the goodness, the meta loss of that
-step and its gradient with respect to the routing parameters, and running sums for the metrics.
-Per step and site it reads the expert inputs u, the bool routing decisions and the probe
-cotangents; the routing weights z are rebuilt from u and the decisions (a small matmul) rather
-than kept in f32 for every step. Nothing of size (S, tokens, experts) is kept beyond that, so
-the memory of a SARS step grows with the refinement steps only as fast as the main step's does.
+(``surprise``; those of the FFN experts under the ``scan`` and ``sparse`` evaluations, and of the
+latent-head library when ``attention.library_stats_in_backward``, come ready from their own
+backward pass, ``experts.apply_with_stats`` / ``experts.apply_scan_stats_shared``), the
+goodness, the meta loss of that step and its gradient with respect to the routing parameters,
+and running sums for the metrics. Per step and site it reads the expert inputs u, the bool
+routing decisions and the probe cotangents (or the statistics sinks); the routing weights z
+are rebuilt from u and the decisions (a small matmul) rather than kept in f32 for every step.
+Nothing else of size (S, tokens, experts) is kept: the FFN experts' statistics sink is, and the
+latent-head library's only without remat (``attention.library_stats_in_backward``), so under
+remat the memory of a SARS step grows with the refinement steps as slowly as the main step's.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.model import routing
-from tinyonn_jax.model.recursion import FFN_STATS
+from tinyonn_jax.model.recursion import ATTN_STATS, FFN_STATS
 from tinyonn_jax.sars import losses, surprise
 
 
@@ -52,7 +55,11 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
     block = params["block"]
     stats = {}
     attn_sites = [c for c in ("q", "k", "v") if f"z_{c}" in x]
-    if attn_sites:
+    if "s_attn" in x:  # the library's backward pass computed them (attention.compose_qkv)
+        for i, c in enumerate(attn_sites):
+            stats[c] = surprise.stats_from_sink(x[f"z_{c}"], x.get(f"g_{c}"),
+                                                x["s_attn"][..., i, :], importance)
+    elif attn_sites:
         lib = block["attn"]["library"]
         zs = tuple(x[f"z_{c}"] for c in attn_sites)
         gs = tuple(x[f"g_{c}"] for c in attn_sites)
@@ -87,8 +94,9 @@ def sars_pass(params: dict, aux: dict, g_probes: dict, valid: jax.Array, cfg: Mo
     for site, (*_, u_key) in routers.items():
         xs[u_key] = aux[u_key]
         xs[f"mask_{site}"] = aux[f"mask_{site}"]  # z is rebuilt per step from u and the mask
-        if site == "ffn" and FFN_STATS in g_probes:  # computed by the experts' backward pass
-            xs["s_ffn"] = g_probes[FFN_STATS]
+        sink = FFN_STATS if site == "ffn" else ATTN_STATS
+        if sink in g_probes:  # computed by the experts' backward pass
+            xs["s_ffn" if site == "ffn" else "s_attn"] = g_probes[sink]
             if importance != "output_grad":
                 continue  # then the output cotangent is not needed (nor kept for this pass)
         xs[f"g_{site}"] = g_probes[site]

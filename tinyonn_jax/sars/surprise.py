@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.model import experts
-from tinyonn_jax.model.recursion import FFN_STATS
+from tinyonn_jax.model.recursion import ATTN_STATS, FFN_STATS
 from tinyonn_jax.model.routing import mas
 
 
@@ -197,7 +197,11 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
                                  cfg.attn_dispatch)
 
     stats = {}
-    if "q" in cfg.routed_sites:
+    if ATTN_STATS in g_probes:  # computed by the latent-head library's backward pass
+        for i, c in enumerate(("q", "k", "v")):
+            stats[c] = stats_from_sink(aux[f"z_{c}"], g_probes[c], g_probes[ATTN_STATS][..., i, :],
+                                       importance)
+    elif "q" in cfg.routed_sites:
         q, k, v = jax.lax.map(attn_step, (aux["u_attn"], aux["z_q"], aux["z_k"], aux["z_v"],
                                           g_probes["q"], g_probes["k"], g_probes["v"]))
         stats.update(q=q, k=k, v=v)
