@@ -29,6 +29,24 @@ def time_fn(fn, *args, reps: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def time_interleaved(calls: dict, reps: int = 3) -> dict:
+    """Wall time of each ``{name: (fn, args)}``, compile excluded, timed round-robin.
+
+    Every call runs once to warm up, then ``reps`` rounds time each call once in turn, so a slow
+    period of a shared machine hits all of them alike; returns ``{name: minimum over rounds}``
+    (interference only ever adds time).
+    """
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, (fn, args) in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}
+
+
 def emit(record: dict) -> None:
     """Print one JSON line (the machine-readable result) and flush."""
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v)

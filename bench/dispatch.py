@@ -15,12 +15,14 @@ scores on the batch over all refinement steps; capacity = 1.5x the expected load
 serves):
   {"sites": "ffn" | "q+k+v+ffn", "active_frac": r, "dense_s": ..., "sparse_s": ...,
    "speedup": dense/sparse, "overflow": pairs dropped for capacity, ...}
-The FFN-only lines also time the step without FFN experts (``none_s``) and give the FFN experts'
-part of the train step: "ffn_dense_s" / "ffn_sparse_s" (step time minus ``none_s``),
-"ffn_speedup" (their ratio) and "max_step_speedup" (dense_s / none_s: the bound a free FFN
-would put on the whole-step speedup).
+The FFN-only lines also time the same step without FFN experts (``none_s``; ``use_ffn=False``:
+no FFN routing, experts, statistics sink or SARS site; attention, its library and its SARS
+unchanged) and give the FFN experts' part of the train step: "ffn_dense_s" / "ffn_sparse_s"
+(step time minus ``none_s``), "ffn_speedup" (their ratio) and "max_step_speedup" (dense_s /
+none_s: the bound a free FFN would put on the whole-step speedup, Amdahl). The steps of one line
+are timed round-robin, ``--reps`` rounds, minimum per step (``common.time_interleaved``).
 "dense" is the default dense evaluation for the backend (``auto``: one expert at a time on CPU).
-Usage: python bench/dispatch.py [--seq-len 512] [--reps 2] [--layer-only]
+Usage: python bench/dispatch.py [--seq-len 512] [--reps 3] [--layer-only]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from common import compiled_step, emit, random_batch, time_fn
+from common import compiled_step, emit, random_batch, time_fn, time_interleaved
 
 from tinyonn_jax.config import Config, ModelConfig
 from tinyonn_jax.model import experts, routing
@@ -101,27 +103,15 @@ def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
     return out
 
 
-def ffn_share(base: Config, batch: dict, out: dict, reps: int) -> dict:
-    """The FFN experts' part of the train step, measured next to ``out``'s dense/sparse steps.
-
-    ``none_s`` is the same step without the FFN experts (``use_ffn=False``: no FFN routing,
-    experts, statistics sink or SARS site; attention, its library and its SARS unchanged). The
-    difference to it is what the FFN experts cost inside the step, and ``dense_s / none_s`` is
-    the largest whole-step speedup any FFN dispatch could reach (Amdahl: a free FFN).
-    """
-    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, use_ffn=False))
-    fn, state, _, _ = compiled_step(cfg, batch)
-    none_s = time_fn(lambda s: fn(s, batch)[1]["train/loss"], state, reps=reps)
-    dense, sparse = out["dense_s"] - none_s, out["sparse_s"] - none_s
-    return {"none_s": none_s, "ffn_dense_s": dense, "ffn_sparse_s": sparse,
-            "ffn_speedup": dense / sparse if sparse > 0 else float("inf"),
-            "max_step_speedup": out["dense_s"] / none_s}
+def loss_of(fn, batch: dict):
+    """A train step as a timed call: state -> its loss (the metrics it waits for)."""
+    return lambda state: fn(state, batch)[1]["train/loss"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--layer-only", action="store_true")
     a = p.parse_args()
     for rate in (1 / 2, 1 / 8, 1 / 32):
@@ -140,6 +130,7 @@ def main() -> None:
             if attn:  # the shared dispatch serves the union of q, k and v: size it for that
                 out["attn_union_frac"] = union_rate(base, params, batch)
                 out["attn_capacity_frac"] = min(1.0, 1.5 * out["attn_union_frac"])
+            calls = {}
             for mode in ("dense", "sparse"):
                 dispatch = DENSE if mode == "dense" else mode
                 model = dataclasses.replace(base.model, ffn_dispatch=dispatch,
@@ -149,16 +140,22 @@ def main() -> None:
                                                                        0.0))
                 cfg = dataclasses.replace(base, model=model)
                 fn, state, _, _ = compiled_step(cfg, batch)
-                state = state._replace(params=params)
-                out[f"{mode}_s"] = time_fn(lambda s, f=fn: f(s, batch)[1]["train/loss"], state,
-                                           reps=a.reps)
+                calls[mode] = (loss_of(fn, batch), (state._replace(params=params),))
                 if mode == "sparse":
                     _, aux = tr.forward(params, batch["inputs"], cfg.model)
                     out["measured_active_frac"] = float(jnp.mean(aux["z_ffn"] > 0))
                     out["overflow"] = int(sum(jnp.sum(aux[f"overflow_{c}"]) for c in sites))
+            if not attn:  # the same step without FFN experts (see the module docstring)
+                cfg = dataclasses.replace(base, model=dataclasses.replace(base.model,
+                                                                          use_ffn=False))
+                fn, state, _, _ = compiled_step(cfg, batch)
+                calls["none"] = (loss_of(fn, batch), (state,))
+            out.update({f"{k}_s": v for k, v in time_interleaved(calls, a.reps).items()})
             out["speedup"] = out["dense_s"] / out["sparse_s"]
             if not attn:
-                out.update(ffn_share(base, batch, out, a.reps))
+                dense, sparse = out["dense_s"] - out["none_s"], out["sparse_s"] - out["none_s"]
+                out.update(ffn_dense_s=dense, ffn_sparse_s=sparse, ffn_speedup=dense / sparse,
+                           max_step_speedup=out["dense_s"] / out["none_s"])
             emit(out)
 
 
