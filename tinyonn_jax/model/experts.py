@@ -189,10 +189,12 @@ def apply_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
 # --- SARS statistics from the backward pass --------------------------------------------------
 # The per-pair SARS quantities (``sars/surprise.py``) are by-products of the backward pass of
 # ``sum_p z_p E_p(u)``: with gw_p = g W2_p^T, the backward forms dh_p = z_p gw_p * silu'(h_p)
-# and dL/dz_p = <gw_p, a_p> = <g, E_p(u)>. ``apply_scan_stats`` and ``apply_sparse_stats`` have
-# their own backward rule that returns them, as the cotangent of a zero ``sink``, from the
-# pre-activations their forward kept: the statistics cost row norms instead of two more matmuls
-# per expert. Both loop over experts with ``lax.scan`` (two plain matmuls per expert).
+# and dL/dz_p = <gw_p, a_p> = <g, E_p(u)>. ``apply_scan_stats`` (one weighting: the FFN),
+# ``apply_scan_stats_shared`` (several weightings of one bank: q, k, v of the latent-head
+# library) and ``apply_sparse_stats`` have their own backward rule that returns them, as the
+# cotangent of a zero ``sink``, from the pre-activations their forward kept (or, for narrow
+# experts, recomputed): the statistics cost row norms instead of more matmuls per expert after
+# the backward pass. All loop over experts with ``lax.scan`` (two plain matmuls per expert).
 
 STAT_CHANNELS = ("g_norm_a_norm", "gwd_norm_u_norm", "g_dot_y")  # the sink's last axis
 
