@@ -209,6 +209,23 @@ def _expert_forward(w1: jax.Array, w2: jax.Array, x: jax.Array) -> tuple[jax.Arr
     return h, jax.nn.silu(h) @ w2.astype(x.dtype)
 
 
+def expert_pair_stats(w2: jax.Array, x: jax.Array, h: jax.Array, g: jax.Array):
+    """SARS statistics of one expert for Z output cotangents of the same rows, with the products
+    its backward pass shares with them.
+
+    Rows x (R, Din), pre-activations h = x W1 (R, F), cotangents g (Z, R, Dout). Returns
+    a = silu(h) (R, F), gw = g W2^T and gwd = gw * silu'(h) (Z, R, F), and raw (Z, R, 3):
+    ``STAT_CHANNELS`` per row and cotangent, the last one being <g, E(x)>.
+    """
+    sig = jax.nn.sigmoid(h)
+    a = h * sig
+    gw = jnp.einsum("zro,fo->zrf", g, w2.astype(g.dtype))  # each cotangent through W2
+    gwd = gw * (sig * (1.0 + h * (1.0 - sig)))  # ... and through the SiLU
+    dw = jnp.sum((gw * a).astype(jnp.float32), -1)
+    raw = jnp.stack([_row_norm(g) * _row_norm(a), _row_norm(gwd) * _row_norm(x), dw], -1)
+    return a, gw, gwd, raw
+
+
 def _expert_backward(w1, w2, x, w, h, g):
     """Backward of ``sum_z w_z[:, None] * E(x)`` for one expert and Z weightings of the same rows:
     rows x (R, Din), weights w (Z, R), pre-activations h (R, F), output cotangents g (Z, R, Dout).
@@ -216,17 +233,12 @@ def _expert_backward(w1, w2, x, w, h, g):
     Returns dW1, dW2, dx (R, Din) in float32, dw (Z, R) = <g_z, E(x)> and the statistics
     (Z, R, 3) of every weighting.
     """
-    sig = jax.nn.sigmoid(h)
-    a = h * sig
-    gw = jnp.einsum("zro,fo->zrf", g, w2.astype(g.dtype))  # each cotangent through W2
-    gwd = gw * (sig * (1.0 + h * (1.0 - sig)))  # ... and through the SiLU
+    a, _, gwd, raw = expert_pair_stats(w2, x, h, g)
     dh = jnp.einsum("zr,zrf->rf", w.astype(gwd.dtype), gwd)
     dw1 = (x.T @ dh).astype(w1.dtype)
     dw2 = (a.T @ jnp.einsum("zr,zro->ro", w.astype(g.dtype), g)).astype(w2.dtype)
     dx = (dh @ w1.T.astype(dh.dtype)).astype(jnp.float32)
-    dw = jnp.sum((gw * a).astype(jnp.float32), -1)
-    raw = jnp.stack([_row_norm(g) * _row_norm(a), _row_norm(gwd) * _row_norm(x), dw], -1)
-    return dw1, dw2, dx, dw, raw
+    return dw1, dw2, dx, raw[..., 2], raw
 
 
 def apply_scan_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array) -> jax.Array:

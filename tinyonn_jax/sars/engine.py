@@ -56,9 +56,9 @@ def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dic
     stats = {}
     attn_sites = [c for c in ("q", "k", "v") if f"z_{c}" in x]
     if "s_attn" in x:  # the library's backward pass computed them (attention.compose_qkv)
-        for i, c in enumerate(attn_sites):
-            stats[c] = surprise.stats_from_sink(x[f"z_{c}"], x.get(f"g_{c}"),
-                                                x["s_attn"][..., i, :], importance)
+        stats.update(zip(attn_sites, surprise.stats_from_shared_sink(
+            tuple(x[f"z_{c}"] for c in attn_sites), tuple(x.get(f"g_{c}") for c in attn_sites),
+            x["s_attn"], importance), strict=True))
     elif attn_sites:
         lib = block["attn"]["library"]
         zs = tuple(x[f"z_{c}"] for c in attn_sites)

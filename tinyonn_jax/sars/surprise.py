@@ -91,6 +91,14 @@ def stats_from_sink(z: jax.Array, g: jax.Array | None, raw: jax.Array,
     return site_stats(z, g, z * raw[..., 1], z * raw[..., 0], z * raw[..., 2], importance)
 
 
+def stats_from_shared_sink(zs: tuple[jax.Array, ...], gs: tuple, raw: jax.Array,
+                           importance: str) -> tuple[SiteStats, ...]:
+    """``stats_from_sink`` for sites sharing one bank (q, k, v): raw (..., P, Z, 3) holds the
+    statistics of site i at ``[..., i, :]`` (``experts.apply_scan_stats_shared``)."""
+    return tuple(stats_from_sink(z, g, raw[..., i, :], importance)
+                 for i, (z, g) in enumerate(zip(zs, gs, strict=True)))
+
+
 def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
                      gs: tuple[jax.Array, ...], importance: str) -> tuple[SiteStats, ...]:
     """``token_stats`` computed one expert at a time (``lax.scan`` over the expert axis).
@@ -98,29 +106,17 @@ def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
     The same closed forms on contiguous (N, F) matmuls per expert, as the ``scan`` dispatch of
     the forward does; never differentiated (the meta loss treats the statistics as constants).
     """
-    lead, p = zs[0].shape[:-1], zs[0].shape[-1]
-    u2 = u.reshape(-1, u.shape[-1])
-    g2s = [g.reshape(-1, g.shape[-1]) for g in gs]
-    u_norm = _norm(u2)
-    g_norms = [_norm(g) for g in g2s]
+    lead = zs[0].shape[:-1]
+    u2 = u.reshape(-1, u.shape[-1]).astype(jnp.float32)
+    g3 = jnp.stack([g.reshape(-1, g.shape[-1]) for g in gs]).astype(jnp.float32)  # (Z, N, Dout)
 
     def one_expert(_, xs):
         w1, w2 = xs  # (Din, F), (F, Dout)
-        h = u2 @ w1
-        a, da = jax.nn.silu(h), silu_grad(h)
-        a_norm = _norm(a)
-        per_site = []
-        for g, g_norm in zip(g2s, g_norms, strict=True):  # sites sharing u, not experts
-            gw = g @ w2.T
-            per_site.append(jnp.stack([g_norm * a_norm, _norm(gw * da) * u_norm,
-                                       jnp.sum(gw * a, axis=-1)]))  # (3, N): STAT_CHANNELS
-        return None, jnp.stack(per_site)  # (Z, 3, N)
+        return None, experts.expert_pair_stats(w2, u2, u2 @ w1, g3)[3]  # (Z, N, 3)
 
-    _, raw = jax.lax.scan(one_expert, None, (bank["w1"], bank["w2"]))  # (P, Z, 3, N)
-    raw = jnp.transpose(raw, (1, 3, 0, 2))  # (Z, N, P, 3): the layout of a statistics sink
-    raw = raw.reshape(raw.shape[0], *lead, p, raw.shape[-1])
-    return tuple(stats_from_sink(z, g, raw[i], importance)
-                 for i, (z, g) in enumerate(zip(zs, gs, strict=True)))
+    _, raw = jax.lax.scan(one_expert, None, (bank["w1"], bank["w2"]))  # (P, Z, N, 3)
+    raw = jnp.transpose(raw, (2, 0, 1, 3))  # (N, P, Z, 3): the layout of a statistics sink
+    return stats_from_shared_sink(zs, gs, raw.reshape(*lead, *raw.shape[1:]), importance)
 
 
 def dense_token_stats(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
@@ -198,9 +194,9 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
 
     stats = {}
     if ATTN_STATS in g_probes:  # computed by the latent-head library's backward pass
-        for i, c in enumerate(("q", "k", "v")):
-            stats[c] = stats_from_sink(aux[f"z_{c}"], g_probes[c], g_probes[ATTN_STATS][..., i, :],
-                                       importance)
+        stats.update(zip("qkv", stats_from_shared_sink(
+            tuple(aux[f"z_{c}"] for c in "qkv"), tuple(g_probes[c] for c in "qkv"),
+            g_probes[ATTN_STATS], importance), strict=True))
     elif "q" in cfg.routed_sites:
         q, k, v = jax.lax.map(attn_step, (aux["u_attn"], aux["z_q"], aux["z_k"], aux["z_v"],
                                           g_probes["q"], g_probes["k"], g_probes["v"]))
