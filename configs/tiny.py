@@ -12,8 +12,10 @@ from tinyonn_jax.config import (
 
 def get_config() -> Config:
     return Config(
+        # model.max_len bounds generation only (RoPE: no parameters depend on it): a prompt of
+        # up to 2048 - 932 tokens next to the 932-token answer budget of tinyonn-eval.
         model=ModelConfig(hidden=64, num_heads=4, num_attn_experts=16, num_ffn_experts=8,
-                          ffn_mult=2, max_refinement_steps=4, rope="rope1d", max_len=512),
+                          ffn_mult=2, max_refinement_steps=4, rope="rope1d", max_len=2048),
         sars=SarsConfig(),
         optim=OptimizerConfig(name="adamw", learning_rate=3e-3, clip_value=1.0,
                               kwargs=(("weight_decay", 0.01),)),

@@ -1,8 +1,15 @@
-"""tinyonn-eval: restore a checkpoint written with the Checkpointer, evaluate, write the report."""
+"""tinyonn-eval: restore a checkpoint written with the Checkpointer, evaluate, write the report.
+
+User errors exit with code 2 and one stderr line ``tinyonn-eval: <what> (<field or path>)``;
+everything checkable (budget, report path, tasks) is checked before generation.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 
 import jax
 import pytest
@@ -42,12 +49,59 @@ def run(tmp_path_factory):
     return root, [t.task_id for t in small]
 
 
+def _argv(root, out, *extra) -> list[str]:
+    return ["--workdir", str(root / "work"), "--source", str(root / "tasks"), "--split", "train",
+            "--views", "2", "--max-new-tokens", "16", "--out", str(out), *extra]
+
+
+def _user_error(capsys, argv) -> str:
+    """Run the CLI, expect a user error; returns its one stderr line."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tinyonn-eval: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Fail the test if the CLI reaches generation."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tinyonn-eval generated before failing")
+
+    monkeypatch.setattr(cli, "evaluate_tasks", fail)
+
+
+@contextlib.contextmanager
+def _read_only_dir(path):
+    """``path`` refuses new entries: mode 0o555, or the immutable flag when running as root."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    try:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot make {path} read-only as root: {e}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def _stray_temp_files(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
 def test_cli_writes_report(run, capsys):
     root, ids = run
     out = root / "report.json"
-    rc = cli.main(["--workdir", str(root / "work"), "--source", str(root / "tasks"),
-                   "--split", "train", "--views", "2", "--max-new-tokens", "16",
-                   "--out", str(out)])
+    rc = cli.main(_argv(root, out))
     assert rc == 0
     report = json.loads(out.read_text())
     assert {"step", "source", "split", "aggregate", "reports", "config"} <= set(report)
@@ -59,11 +113,105 @@ def test_cli_writes_report(run, capsys):
     assert "aggregate" in printed and ids[0] in printed
 
 
-def test_bad_workdir_is_a_clear_error(tmp_path, run):
+def test_bad_workdir_is_a_clear_error(tmp_path, run, capsys):
     root, _ = run
-    with pytest.raises(SystemExit, match="does not exist"):
-        cli.main(["--workdir", str(tmp_path / "nope")])
-    with pytest.raises(SystemExit, match="no checkpoint directory"):
-        cli.main(["--workdir", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"available steps: \[3\]"):
-        cli.main(["--workdir", str(root / "work"), "--step", "7"])
+    assert "does not exist" in _user_error(capsys, ["--workdir", str(tmp_path / "nope")])
+    assert "no checkpoint directory" in _user_error(capsys, ["--workdir", str(tmp_path)])
+    line = _user_error(capsys, ["--workdir", str(root / "work"), "--step", "7"])
+    assert "available steps: [3]" in line and str(root / "work" / "checkpoints") in line
+    assert "(--views)" in _user_error(capsys, _argv(root, tmp_path / "r.json", "--views", "0"))
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--workdir", str(tmp_path / "nope"), "--debug"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("Traceback") and err[-1].startswith("tinyonn-eval: workdir does")
+
+
+def test_budget_longer_than_max_len_fails_before_generation(run, tmp_path, capsys,
+                                                            no_generation):
+    root, _ = run
+    line = _user_error(capsys, _argv(root, tmp_path / "r.json", "--max-new-tokens", "5000"))
+    assert "model.max_len=4096" in line and "--max-new-tokens=5000" in line
+    assert line.endswith("(model.max_len, --max-new-tokens)")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_unwritable_report_path_fails_before_generation(run, tmp_path, capsys, no_generation):
+    root, _ = run
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    line = _user_error(capsys, _argv(root, blocker / "report.json"))
+    assert line.startswith("tinyonn-eval: cannot write the report") and str(blocker) in line
+    assert blocker.read_text() == "not a directory"
+
+    as_dir = tmp_path / "dir"
+    (as_dir / "inside").mkdir(parents=True)
+    line = _user_error(capsys, _argv(root, as_dir))
+    assert "is a directory" in line and (as_dir / "inside").is_dir()
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    report = locked / "report.json"
+    report.write_text('{"old": true}')
+    with _read_only_dir(locked):
+        line = _user_error(capsys, _argv(root, report))
+    assert "cannot write the report" in line and str(report) in line
+    assert report.read_text() == '{"old": true}'
+
+
+def test_report_is_replaced_atomically(run, tmp_path, capsys, monkeypatch):
+    root, _ = run
+    out = tmp_path / "report.json"
+    out.write_text('{"old": true}')
+    inode = out.stat().st_ino
+    assert cli.main(_argv(root, out)) == 0
+    assert json.loads(out.read_text())["step"] == 3
+    assert out.stat().st_ino != inode  # a new file moved over the old one, not rewritten in place
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert _stray_temp_files(tmp_path) == []
+
+    out.write_text('{"old": true}')
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if os.fspath(dst) == str(out):
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(cli.os, "replace", failing_replace)
+    line = _user_error(capsys, _argv(root, out))
+    assert "No space left on device" in line and str(out) in line
+    assert out.read_text() == '{"old": true}'
+    assert _stray_temp_files(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("ignore:skipped 1 bad task file")
+def test_no_scorable_task_fails_and_keeps_the_report(run, tmp_path, capsys, no_generation):
+    root, _ = run
+    out = tmp_path / "report.json"
+    out.write_text('{"old": true}')
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.json").write_text('{"x": 1}')  # skipped at load: 0 tasks
+    line = _user_error(capsys, [*_argv(root, out), "--source", str(bad)])
+    assert "no tasks to evaluate" in line and str(bad) in line
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "h.json").write_text(json.dumps(
+        {"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[1]]}]}))
+    line = _user_error(capsys, [*_argv(root, out), "--source", str(hidden)])
+    assert "known answer" in line and str(hidden) in line
+    assert out.read_text() == '{"old": true}'
+
+
+def test_print_config(run, capsys, no_generation):
+    root, _ = run
+    assert cli.main(["--workdir", str(root / "work"), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(Config(model=tiny_model_config()).to_dict()))
+    assert not list((root / "work").glob("eval_step*.json"))

@@ -1,11 +1,23 @@
 """``tinyonn-eval``: score a training checkpoint on ARC tasks (augmentation voting, pass@2).
 
     tinyonn-eval --workdir DIR [--step N] [--source arc1|arc2|PATH] [--split train|eval]
-                 [--max-tasks K] [--views V] [--out report.json]
+                 [--max-tasks K] [--views V] [--out report.json] [--print-config] [--debug]
 
 Reads ``DIR/checkpoints`` (written by ``tinyonn-train``) without modifying it, so it can run next
 to a live training run. Prints a per-test-pair table and the aggregate, and writes a JSON report
-(default ``DIR/eval_step<N>.json``).
+(default ``DIR/eval_step<N>.json``). ``--print-config`` prints the checkpoint's config as JSON and
+stops.
+
+Everything that can be checked before generation is: the checkpoint, the generation budget
+against ``model.max_len``, the tasks (at least one test pair with a known answer) and the report
+path (its directory is created and must accept a new file). The report is written to a temporary
+file in that directory and moved over ``--out`` with ``os.replace``, so an existing report is
+either kept whole or replaced whole.
+
+A problem with the input (flags, workdir, checkpoint, tasks, report path) is a ``UserError``:
+one line ``tinyonn-eval: <what> (<field or path>)`` on stderr and exit code 2, its traceback only
+with ``--debug``. Any other exception is a bug and keeps its traceback (with ``--debug`` JAX's
+traceback filtering is off as well).
 """
 
 from __future__ import annotations
@@ -13,7 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import jax
@@ -27,15 +42,29 @@ from tinyonn_jax import step as train_step
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.tasks import load_tasks
-from tinyonn_jax.eval.evaluate import EvalAggregate, EvalTestReport, evaluate_tasks
+from tinyonn_jax.errors import UserError
+from tinyonn_jax.eval.evaluate import (
+    EvalAggregate,
+    EvalTestReport,
+    evaluate_tasks,
+    prompt_limit,
+)
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
 from tinyonn_jax.model import transformer
 from tinyonn_jax.runtime import configure_xla_cpu
 
+PROG = "tinyonn-eval"
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """``e``'s message on one line, cut at ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments of ``tinyonn-eval``."""
-    p = argparse.ArgumentParser(prog="tinyonn-eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="the training run's directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--source", default=None,
@@ -48,22 +77,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="generation budget per answer (a constant; never the answer's size)")
     p.add_argument("--out", default=None, help="JSON report (default: WORKDIR/eval_step<N>.json)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the checkpoint's config as JSON and exit without generating")
+    p.add_argument("--debug", action="store_true",
+                   help="tracebacks for user errors too, JAX traceback filtering off")
     return p.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Range checks of the numeric flags."""
+    for flag, value, low in (("--views", args.views, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--max-tasks", args.max_tasks, 0)):
+        if value < low:
+            raise UserError(f"must be >= {low}, got {value} ({flag})")
 
 
 def _check_params(params: dict, cfg: Config, where: str) -> None:
     """Fail clearly when restored parameters do not fit the model of ``cfg``."""
     expected = jax.eval_shape(lambda: transformer.init_params(jax.random.key(0), cfg.model))
-    got_struct, want_struct = jax.tree.structure(params), jax.tree.structure(expected)
-    if got_struct != want_struct:
-        raise SystemExit(f"tinyonn-eval: parameters in {where} do not match the model of its "
-                         f"config:\n  saved:    {got_struct}\n  expected: {want_struct}")
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for (path, a), e in zip(flat, jax.tree.leaves(expected), strict=True):
-        if tuple(a.shape) != tuple(e.shape):
-            raise SystemExit(f"tinyonn-eval: {where}: parameter "
-                             f"{jax.tree_util.keystr(path)} has shape {tuple(a.shape)}, "
-                             f"the config implies {tuple(e.shape)}")
+    got = {jax.tree_util.keystr(k): a
+           for k, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {jax.tree_util.keystr(k): e
+            for k, e in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    if got.keys() != want.keys():
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        raise UserError(f"the saved parameters do not match the model of the saved config: "
+                        f"missing {missing[:5]}, unexpected {extra[:5]} ({where})")
+    for name, a in got.items():
+        if tuple(a.shape) != tuple(want[name].shape):
+            raise UserError(f"parameter {name} has shape {tuple(a.shape)}, the saved config "
+                            f"implies {tuple(want[name].shape)} ({where})")
 
 
 def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
@@ -71,32 +115,33 @@ def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
 
     The config saved with the step defines the train-state template (``step.init_state`` with
     the optimizer of ``optim.build_optimizer``, as the training program builds it); only the
-    parameters are returned. Every failure is a ``SystemExit`` with a message naming the path.
+    parameters are returned. Every failure is a ``UserError`` naming the path.
     """
     if not workdir.is_dir():
-        raise SystemExit(f"tinyonn-eval: workdir {workdir} does not exist")
+        raise UserError(f"workdir does not exist ({workdir})")
     ckdir = workdir / "checkpoints"
     if not ckdir.is_dir():
-        raise SystemExit(f"tinyonn-eval: no checkpoint directory {ckdir} (is {workdir} the "
-                         "--workdir of a tinyonn-train run?)")
+        raise UserError(f"no checkpoint directory; is {workdir} the --workdir of a "
+                        f"tinyonn-train run? ({ckdir})")
     with Checkpointer(ckdir, read_only=True) as ckpt:
         steps = ckpt.all_steps()
         if not steps:
-            raise SystemExit(f"tinyonn-eval: no finished checkpoint in {ckdir}")
+            raise UserError(f"no finished checkpoint ({ckdir})")
         if step is None:
             step = steps[-1]
         elif step not in steps:
-            raise SystemExit(f"tinyonn-eval: no checkpoint for step {step} in {ckdir}; "
-                             f"available steps: {steps}")
+            raise UserError(f"no checkpoint for step {step}; available steps: {steps} "
+                            f"({ckdir})")
         where = f"{ckdir}/{step}"
         try:
             cfg = Config.from_dict(ckpt.restore_config(step))
         except (TypeError, ValueError) as e:
-            raise SystemExit(f"tinyonn-eval: bad config stored in {where}: {e}") from e
+            raise UserError(f"bad config stored in the checkpoint: {_one_line(e)} "
+                            f"({where})") from e
         family = getattr(cfg.model, "family", "dyntrm")
         if family != "dyntrm":
-            raise SystemExit(f"tinyonn-eval: generation supports the dyntrm family, {where} "
-                             f"is a {family!r} model")
+            raise UserError(f"generation supports the dyntrm family, {where} is a {family!r} "
+                            "model (model.family)")
         key = jax.random.key(cfg.train.seed)
         shapes = jax.eval_shape(lambda k: transformer.init_params(k, cfg.model), key)
         optimizer = optim.build_optimizer(cfg, shapes)
@@ -104,10 +149,42 @@ def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
         try:
             state, _, _ = ckpt.restore(template, step=step)
         except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"tinyonn-eval: the train state in {where} does not match the one "
-                             f"its config builds: {e}") from e
+            raise UserError(f"the saved train state does not match the one its config builds: "
+                            f"{_one_line(e)} ({where})") from e
     _check_params(state.params, cfg, where)
     return ema_lib.eval_params(state), cfg, step
+
+
+def check_report_path(out: Path) -> None:
+    """Fail unless a report can be written to ``out``: creates its directory, tries a file there."""
+    if out.is_dir():
+        raise UserError(f"the report path is a directory ({out})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write the report: {_one_line(e)} ({out})") from e
+
+
+def write_atomic(out: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``out``, then move it over ``out``.
+
+    The file gets the mode a plain new file would get (``0o666`` less the umask).
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _table(reports: list[EvalTestReport], agg: EvalAggregate) -> tuple[Table, Table]:
@@ -128,20 +205,34 @@ def _table(reports: list[EvalTestReport], agg: EvalAggregate) -> tuple[Table, Ta
     return per, tot
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``tinyonn-eval``; returns 0, raises ``SystemExit`` with a message on error."""
-    args = parse_args(argv)
-    configure_xla_cpu()  # before JAX starts its backends
-    if args.views < 1 or args.batch_size < 1 or args.max_tasks < 0 or args.max_new_tokens < 1:
-        raise SystemExit("tinyonn-eval: --views, --batch-size and --max-new-tokens must be >= 1 "
-                         "and --max-tasks >= 0")
+def run(args: argparse.Namespace) -> int:
+    """Restore, check everything checkable, generate, print the tables, write the report."""
+    _check_args(args)
     workdir = Path(args.workdir)
     params, cfg, step = restore(workdir, args.step)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    try:
+        prompt_limit(cfg, args.max_new_tokens)
+    except ValueError as e:
+        raise UserError(f"model.max_len={cfg.model.max_len} of the checkpoint leaves no room for "
+                        f"a prompt next to --max-new-tokens={args.max_new_tokens}: train with "
+                        f"--set model.max_len above {args.max_new_tokens} or lower "
+                        f"--max-new-tokens (model.max_len, --max-new-tokens)") from e
     source = args.source or cfg.data.source
     try:
         tasks = load_tasks(source, args.split, max_tasks=args.max_tasks)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"tinyonn-eval: cannot load tasks from {source!r}: {e}") from e
+        raise UserError(f"cannot load tasks: {_one_line(e)} ({source}, --split "
+                        f"{args.split})") from e
+    if len(tasks) == 0:
+        raise UserError(f"no tasks to evaluate ({source}, --split {args.split})")
+    if not any(truth is not None for task in tasks for _, truth in task.test):
+        raise UserError(f"none of the {len(tasks)} tasks has a test pair with a known answer "
+                        f"({source}, --split {args.split})")
+    out = Path(args.out) if args.out else workdir / f"eval_step{step}.json"
+    check_report_path(out)
     console = Console()
     console.print(f"step {step} of {workdir}: {len(tasks)} tasks from {source}/{args.split}, "
                   f"{args.views} views each")
@@ -154,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
             progress=lambda done, total: bar.update(job, completed=done, total=total))
     for t in _table(reports, agg):
         console.print(t)
-    out = Path(args.out) if args.out else workdir / f"eval_step{step}.json"
     report = {
         "workdir": str(workdir), "step": step, "source": source, "split": args.split,
         "num_views": args.views, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
@@ -163,10 +253,31 @@ def main(argv: list[str] | None = None) -> int:
         "reports": [r.to_dict() for r in reports],
         "config": cfg.to_dict(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    try:
+        write_atomic(out, json.dumps(report, indent=2))
+    except OSError as e:
+        raise UserError(f"cannot write the report: {_one_line(e)} ({out})") from e
     console.print(f"report written to {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tinyonn-eval``: 0 on success; a ``UserError`` exits with code 2.
+
+    The user error is printed as one line ``tinyonn-eval: <message>`` on stderr (after its
+    traceback with ``--debug``); other exceptions propagate.
+    """
+    args = parse_args(argv)
+    configure_xla_cpu()  # before JAX starts its backends
+    if args.debug:
+        jax.config.update("jax_traceback_filtering", "off")
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -70,6 +70,18 @@ def bucket_length(n: int, min_bucket: int, limit: int) -> int:
     return min(max(min_bucket, _next_pow2(n)), limit)
 
 
+def prompt_limit(cfg: Config, max_new_tokens: int) -> int:
+    """Longest admissible prompt: ``cfg.model.max_len - max_new_tokens``, at least 1.
+
+    Raises ``ValueError`` naming both when the budget leaves no room for a prompt.
+    """
+    limit = cfg.model.max_len - max_new_tokens
+    if limit < 1:
+        raise ValueError(f"model.max_len={cfg.model.max_len} leaves no room for a prompt next to "
+                         f"max_new_tokens={max_new_tokens}")
+    return limit
+
+
 def task_rng(seed: int, task_id: str) -> np.random.Generator:
     """Per-task generator: a task's views do not depend on which other tasks are evaluated."""
     return np.random.default_rng([seed, zlib.crc32(task_id.encode())])
@@ -143,12 +155,7 @@ def evaluate_tasks(
         raise ValueError(f"num_views must be >= 1 (the identity view), got {num_views}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    limit = cfg.model.max_len - max_new_tokens
-    if limit < 1:
-        raise ValueError(
-            f"model.max_len={cfg.model.max_len} leaves no room for a prompt next to "
-            f"max_new_tokens={max_new_tokens}"
-        )
+    limit = prompt_limit(cfg, max_new_tokens)
     pairs, jobs, skipped, unscored = _build_jobs(tasks, num_views, seed, limit)
     preds: list[dict[int, scoring.Prediction]] = [{} for _ in pairs]
 
