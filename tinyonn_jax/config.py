@@ -3,15 +3,23 @@
 Every section rejects bad values with a ``ValueError`` that names the offending field, so a
 typo in a config file or on the command line fails before anything is traced by JAX.
 ``Config.replace_path("model.hidden", 64)`` and ``apply_overrides`` give the ``--set`` syntax of
-the training program.
+the training program; a ``--set`` value is parsed by the declared type of its field
+(``parse_field_value``), so ``model.use_ffn=false`` is the bool ``False`` and
+``optim.learning_rate=abc`` is an error naming the field. Every field is type-checked on
+construction (``check_field_types``): bools are bools, integers are integers, floats are finite.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from tinyonn_jax.errors import ConfigError
 
 MODEL_FAMILIES = ("dyntrm", "spl", "dynmoe")
 ROUTING_MODES = ("capr", "topk", "dense")
@@ -27,7 +35,109 @@ FFN_KINDS = ("dynmoe", "swiglu")  # swiglu: the dense baseline of model/dense.py
 
 def _check(cond: bool, section: str, name: str, value: Any, why: str) -> None:
     if not cond:
-        raise ValueError(f"config {section}.{name}={value!r}: {why}")
+        raise ConfigError(f"config {section}.{name}={value!r}: {why}")
+
+
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+              "false": False, "0": False, "no": False, "off": False}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_error(section: str, name: str, value: Any, typ: Any) -> ConfigError | None:
+    """Why ``value`` is not of the declared type ``typ`` (None when it is)."""
+    if typ is Any:
+        return None
+    if typ is bool:
+        ok, what = isinstance(value, bool), "a bool (true/false)"
+    elif typ is int:
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif typ is float:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+        what = "a finite number"
+    elif typ is str:
+        ok, what = isinstance(value, str), "a string"
+    elif typing.get_origin(typ) is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, tuple):
+            return ConfigError(f"config {section}.{name}={value!r}: must be a tuple")
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        for i, v in enumerate(value):
+            sub = inner if inner is not None else (args[i] if i < len(args) else Any)
+            err = _type_error(section, f"{name}[{i}]", v, sub)
+            if err is not None:
+                return err
+        return None
+    else:  # nested dataclasses and other declared types: checked by their own classes
+        return None
+    return None if ok else ConfigError(f"config {section}.{name}={value!r}: must be {what}")
+
+
+def check_field_types(section: str, obj: Any) -> None:
+    """Raise ``ConfigError`` naming the first field whose value does not have its declared type.
+
+    bool fields take only bools, int fields only integers (not bools), float fields any finite
+    int or float (never inf or NaN), str fields strings, tuple fields tuples of their element type.
+    """
+    types = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        err = _type_error(section, f.name, getattr(obj, f.name), types[f.name])
+        if err is not None:
+            raise err
+
+
+def parse_field_value(path: str, typ: Any, text: str) -> Any:
+    """Parse the ``--set`` text of the field ``path`` by its declared type ``typ``.
+
+    bool: true/false, 1/0, yes/no, on/off in any case; int: an integer literal; float: a finite
+    number; str: the text (surrounding quotes removed); tuple: a Python literal (``(1, 0.5)``,
+    ``1,0.5``, ``()``, a dict for keyword tuples); anything else: a Python literal, else the text.
+    """
+    text = text.strip()
+
+    def bad(accepted: str) -> ConfigError:
+        return ConfigError(f"config {path}={text!r}: expected {accepted}")
+
+    if typ is bool:
+        word = text.lower()
+        if word not in BOOL_WORDS:
+            raise bad("a bool: true/false, 1/0, yes/no or on/off (any case)")
+        return BOOL_WORDS[word]
+    if typ is int:
+        try:
+            return int(text.replace("_", ""), 10)
+        except ValueError:
+            raise bad("an integer, e.g. 3") from None
+    if typ is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise bad("a number, e.g. 3e-4") from None
+        if not math.isfinite(value):
+            raise bad("a finite number (not inf or nan)")
+        return value
+    if typ is str:
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return text[1:-1]
+        return text
+    try:
+        value = ast.literal_eval(text) if text else ()
+    except (ValueError, SyntaxError):
+        if typing.get_origin(typ) is tuple:
+            raise bad("a tuple literal, e.g. (1.0, 0.5) or ()") from None
+        return text
+    if typing.get_origin(typ) is tuple:
+        if isinstance(value, dict):
+            return tuple(sorted(value.items()))
+        if isinstance(value, list):
+            return tuple(value)
+        if not isinstance(value, tuple):
+            return (value,)
+    return value
 
 
 def _positive_int(section: str, obj: Any, *names: str) -> None:
@@ -94,6 +204,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = "model"
+        check_field_types(s, self)
         _choice(s, self, "family", MODEL_FAMILIES)
         _positive_int(s, self, "vocab_size", "hidden", "num_heads", "num_attn_experts",
                       "num_ffn_experts", "ffn_mult", "max_refinement_steps", "attn_top_k",
@@ -180,6 +291,7 @@ class SarsConfig:
 
     def __post_init__(self) -> None:
         s = "sars"
+        check_field_types(s, self)
         _choice(s, self, "importance", IMPORTANCE_MODES)
         _choice(s, self, "meta_loss", META_LOSSES)
         _non_negative(s, self, "w_meta", "w_act", "pi_alpha")
@@ -201,6 +313,9 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         s = "optim"
+        if isinstance(self.kwargs, dict):  # accept a dict from config files, store hashably
+            object.__setattr__(self, "kwargs", tuple(sorted(self.kwargs.items())))
+        check_field_types(s, self)
         _check(isinstance(self.name, str) and self.name.isidentifier(), s, "name", self.name,
                "must name an optax optimizer, e.g. 'adamw' or 'lion'")
         _check(self.learning_rate > 0, s, "learning_rate", self.learning_rate, "must be > 0")
@@ -210,8 +325,11 @@ class OptimizerConfig:
         if self.schedule == "cosine":
             _check(self.decay_steps > 0, s, "decay_steps", self.decay_steps,
                    "must be > 0 for the cosine schedule")
-        if isinstance(self.kwargs, dict):  # accept a dict from config files, store hashably
-            object.__setattr__(self, "kwargs", tuple(sorted(self.kwargs.items())))
+        for i, pair in enumerate(self.kwargs):
+            _check(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str), s,
+                   f"kwargs[{i}]", pair, "must be a (name, value) pair")
+            if isinstance(pair[1], float):
+                _check(math.isfinite(pair[1]), s, f"kwargs.{pair[0]}", pair[1], "must be finite")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,6 +350,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         s = "data"
+        check_field_types(s, self)
         _positive_int(s, self, "max_len", "batch_size", "min_bucket", "views_per_task")
         _check(self.split in ("train", "eval"), s, "split", self.split,
                "must be 'train' or 'eval'")
@@ -260,18 +379,23 @@ class TrainConfig:
     # TRM-style options (issue 10), off by default.
     deep_supervision: tuple[float, ...] = ()  # CE weight per refinement step; () = final only
     ema_decay: float = 0.0  # EMA of the parameters, used for evaluation; 0 = off
+    # Consecutive skipped updates (non-finite loss, gradients or new state): a warning after
+    # warn_after_skips of them, the run stops after stop_after_skips.
+    warn_after_skips: int = 10
+    stop_after_skips: int = 100
 
     def __post_init__(self) -> None:
         s = "train"
+        if isinstance(self.deep_supervision, list):  # JSON / --set give lists, store hashably
+            object.__setattr__(self, "deep_supervision", tuple(self.deep_supervision))
+        check_field_types(s, self)
         _positive_int(s, self, "num_steps", "log_every", "plot_every", "ckpt_every",
-                      "keep_checkpoints", "mesh_expert")
+                      "keep_checkpoints", "mesh_expert", "warn_after_skips", "stop_after_skips")
         for name in ("eval_every", "eval_tasks"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, s, name, v, "must be an integer >= 0")
         _check(self.mesh_data == -1 or self.mesh_data > 0, s, "mesh_data", self.mesh_data,
                "must be -1 (auto) or a positive integer")
-        if isinstance(self.deep_supervision, list):  # JSON / --set give lists, store hashably
-            object.__setattr__(self, "deep_supervision", tuple(self.deep_supervision))
         ds = self.deep_supervision
         _check(isinstance(ds, tuple) and all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
@@ -311,15 +435,25 @@ class Config:
 
     def replace_path(self, path: str, value: Any) -> Config:
         """Return a copy with ``section.key`` set to ``value`` (validated)."""
+        section, key = self.check_path(path)
+        sub = getattr(self, section)
+        return dataclasses.replace(self, **{section: dataclasses.replace(sub, **{key: value})})
+
+    def check_path(self, path: str) -> tuple[str, str]:
+        """``(section, key)`` of ``section.key``; ``ConfigError`` for an unknown key."""
         section, _, key = path.partition(".")
         names = {f.name for f in dataclasses.fields(self)}
         if section not in names or not key:
-            raise ValueError(f"unknown config key {path!r}; sections are {sorted(names)}")
-        sub = getattr(self, section)
-        keys = {f.name for f in dataclasses.fields(sub)}
+            raise ConfigError(f"unknown config key {path!r}; sections are {sorted(names)}")
+        keys = {f.name for f in dataclasses.fields(getattr(self, section))}
         if key not in keys:
-            raise ValueError(f"unknown config key {path!r}; {section} has {sorted(keys)}")
-        return dataclasses.replace(self, **{section: dataclasses.replace(sub, **{key: value})})
+            raise ConfigError(f"unknown config key {path!r}; {section} has {sorted(keys)}")
+        return section, key
+
+    def field_type(self, path: str) -> Any:
+        """The declared type of the field ``section.key``."""
+        section, key = self.check_path(path)
+        return _field_types(type(getattr(self, section)))[key]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,29 +465,25 @@ class Config:
                  "spl": _spl_config, "moe": _moe_config}
         unknown = set(d) - set(kinds)
         if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}")
+            raise ConfigError(f"unknown config sections {sorted(unknown)}")
         parts = {}
         for k, v in d.items():
             v = dict(v)
             if "kwargs" in v and isinstance(v["kwargs"], (list, tuple)):
                 v["kwargs"] = tuple(tuple(p) for p in v["kwargs"])
-            parts[k] = kinds[k](**v)
+            try:
+                parts[k] = kinds[k](**v)
+            except TypeError as e:  # unknown or missing keyword of a section
+                raise ConfigError(f"config section {k}: {e}") from None
         return cls(**parts)
 
 
-def parse_value(text: str) -> Any:
-    """Parse a ``--set`` value: a Python literal if it is one, else the raw string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` strings in order."""
+    """Apply ``section.key=value`` strings in order, each parsed by its field's declared type."""
     for item in overrides:
         path, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--set expects section.key=value, got {item!r}")
-        cfg = cfg.replace_path(path.strip(), parse_value(raw.strip()))
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        path = path.strip()
+        cfg = cfg.replace_path(path, parse_field_value(path, cfg.field_type(path), raw))
     return cfg

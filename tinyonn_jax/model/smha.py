@@ -32,7 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyonn_jax.config import DTYPES, ROPE_MODES, _check, _choice, _non_negative, _positive_int
+from tinyonn_jax.config import (
+    DTYPES,
+    ROPE_MODES,
+    _check,
+    _choice,
+    _non_negative,
+    _positive_int,
+    check_field_types,
+)
 from tinyonn_jax.model import gamoe
 from tinyonn_jax.model.attention import attention_mask, dot_product_attention, rope
 from tinyonn_jax.model.norm import init_layer_norm, layer_norm
@@ -82,6 +90,7 @@ class MoeConfig:
 
     def __post_init__(self) -> None:
         s = "moe"
+        check_field_types(s, self)
         _positive_int(s, self, "vocab_size", "hidden", "num_heads", "head_dim", "ffn_hidden",
                       "num_layers", "max_experts", "init_experts", "lifecycle_window")
         _check(self.init_experts <= self.max_experts, s, "init_experts", self.init_experts,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyonn_jax.config import _check, _choice, _non_negative, _positive_int
+from tinyonn_jax.config import _check, _choice, _non_negative, _positive_int, check_field_types
 from tinyonn_jax.model.attention import attention_mask, dot_product_attention, rope
 from tinyonn_jax.model.norm import init_layer_norm, layer_norm
 from tinyonn_jax.model.recursion import Context, make_context
@@ -75,6 +75,7 @@ class SplConfig:
 
     def __post_init__(self) -> None:
         s = "spl"
+        check_field_types(s, self)
         _positive_int(s, self, "vocab_size", "hidden", "num_layers", "steps", "moie_mult")
         _choice(s, self, "recursion", RECURSIONS)
         _choice(s, self, "mask_mode", MASK_MODES)
