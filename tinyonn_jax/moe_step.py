@@ -29,7 +29,7 @@ from tinyonn_jax import loss as task_loss
 from tinyonn_jax.config import OptimizerConfig
 from tinyonn_jax.model import smha
 from tinyonn_jax.model.smha import EXPERT_WEIGHTS, SITES, MoeConfig
-from tinyonn_jax.optim import build_chain
+from tinyonn_jax.optim import build_chain, guarded_update, learning_rates
 from tinyonn_jax.params import MAIN, META, param_labels, select
 from tinyonn_jax.sars import gating, lifecycle
 
@@ -167,17 +167,15 @@ def moe_train_step(state: MoeTrainState, batch: Batch, *, cfg: MoeConfig,
     """Pure 1f2b1o step. Routing records enter the pool only when the update is applied."""
     g_main, g_gate, out = compute_moe_gradients(state.params, state.pool.live, batch, cfg)
     grads = jax.tree.map(jnp.add, g_main, g_gate)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    ok = (jnp.isfinite(out["loss"]) & jnp.isfinite(out["gating_loss"])
-          & jnp.isfinite(optax.tree.norm(grads)))
-    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    params, opt_state, ok = guarded_update(
+        optimizer, grads, state.opt_state, state.params,
+        jnp.isfinite(out["loss"]) & jnp.isfinite(out["gating_loss"]))
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
     pool = lifecycle.record(state.pool, lifecycle.step_records(out["aux"], valid, cfg))
     new_state = MoeTrainState(
         step=state.step + 1,
-        params=jax.tree.map(keep, new_params, state.params),
-        opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         skipped=state.skipped + (~ok).astype(jnp.int32),
         pool=_keep_pool(ok, pool, state.pool))
     metrics = moe_metrics(cfg, batch, out, new_state.pool)
@@ -185,6 +183,7 @@ def moe_train_step(state: MoeTrainState, batch: Batch, *, cfg: MoeConfig,
     metrics["train/grad_norm_gate"] = optax.tree.norm(g_gate)
     metrics["train/skipped"] = new_state.skipped
     metrics["train/update_ok"] = ok.astype(jnp.float32)
+    metrics.update(learning_rates(opt_state))
     return new_state, metrics
 
 

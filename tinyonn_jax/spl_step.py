@@ -20,7 +20,7 @@ import optax
 from tinyonn_jax import loss as task_loss
 from tinyonn_jax.config import OptimizerConfig
 from tinyonn_jax.model.spl import SplConfig, init_spl_params, spl_forward, spl_param_labels
-from tinyonn_jax.optim import build_chain
+from tinyonn_jax.optim import build_chain, guarded_update, learning_rates
 from tinyonn_jax.params import MAIN, META
 from tinyonn_jax.sars import msaps as ms
 
@@ -139,24 +139,25 @@ def spl_train_step(state: SplTrainState, batch: Batch, *, cfg: SplConfig,
     """Pure: forward, main backward, M-SAPS, protection, one update. Skips non-finite updates."""
     g_main, g_meta, prot, out = spl_gradients(state.params, batch, state.ema_acc, cfg)
     grads = ms.scale_proto_grads(jax.tree.map(jnp.add, g_main, g_meta), prot)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     info = out["info"]
-    ok = (jnp.isfinite(out["ce"]) & jnp.isfinite(info["proto_loss"])
-          & jnp.isfinite(info["gate_loss"]) & jnp.isfinite(optax.tree.norm(grads)))
+    params, opt_state, ok = guarded_update(
+        optimizer, grads, state.opt_state, state.params,
+        jnp.isfinite(out["ce"]) & jnp.isfinite(info["proto_loss"])
+        & jnp.isfinite(info["gate_loss"]))
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     metrics = spl_metrics(cfg, batch, state.params, out, g_main, g_meta)
     ema = cfg.ema_decay * state.ema_acc + (1.0 - cfg.ema_decay) * metrics["train/token_acc"]
     new_state = SplTrainState(
         step=state.step + 1,
-        params=jax.tree.map(keep, new_params, state.params),
-        opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         skipped=state.skipped + (~ok).astype(jnp.int32),
         ema_acc=keep(ema, state.ema_acc),
     )
     metrics["train/skipped"] = new_state.skipped
     metrics["train/update_ok"] = ok.astype(jnp.float32)
     metrics["train/ema_acc"] = new_state.ema_acc
+    metrics.update(learning_rates(opt_state))
     return new_state, metrics
 
 

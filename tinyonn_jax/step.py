@@ -3,7 +3,8 @@
 One step = one forward with zero probes on every expert call site, one backward (``jax.vjp``)
 giving the main gradient and every site's output cotangent, the closed-form SARS statistics, the
 meta loss on the routing parameters, and one partitioned optax update (main chain on ``main``,
-meta chain on ``meta``). A non-finite loss or gradient skips the update and is counted.
+meta chain on ``meta``). A non-finite loss, gradient, new parameter or new optimizer state
+skips the update (``optim.guarded_update``) and is counted.
 
 Dense baselines (``model.attn_kind="mha"`` / ``model.ffn_kind="swiglu"``) have fewer call sites
 or none; SARS covers the sites that exist (``ModelConfig.routed_sites``), off without any. Options
@@ -21,6 +22,7 @@ import optax
 
 from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import loss as task_loss
+from tinyonn_jax import optim
 from tinyonn_jax.config import Config
 from tinyonn_jax.model import transformer as tr
 from tinyonn_jax.params import META, param_labels
@@ -179,18 +181,16 @@ def train_step(state: TrainState, batch: Batch, *, cfg: Config,
     loss, g_main, g_meta, logits, aux, parts, sars_metrics, _, meta_loss = compute_gradients(
         state.params, batch, cfg)
     grads = jax.tree.map(jnp.add, g_main, g_meta)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(meta_loss) & jnp.isfinite(_global_norm(grads))
+    params, opt_state, ok = optim.guarded_update(optimizer, grads, state.opt_state, state.params,
+                                                 jnp.isfinite(loss) & jnp.isfinite(meta_loss))
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    params = jax.tree.map(keep, new_params, state.params)
     ema = state.ema
     if ema is not None:  # a skipped update leaves params, hence the average, unchanged
         ema = jax.tree.map(keep, ema_lib.update_ema(ema, params, cfg.train.ema_decay), ema)
     new_state = TrainState(
         step=state.step + 1,
         params=params,
-        opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+        opt_state=opt_state,
         skipped=state.skipped + (~ok).astype(jnp.int32),
         ema=ema,
     )
@@ -198,6 +198,7 @@ def train_step(state: TrainState, batch: Batch, *, cfg: Config,
                            g_meta)
     metrics["train/skipped"] = new_state.skipped
     metrics["train/update_ok"] = ok.astype(jnp.float32)
+    metrics.update(optim.learning_rates(opt_state))
     return new_state, metrics
 
 
