@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyonn_jax.data.tasks import Task, TaskFormatError, load_task_file, load_tasks
+from tinyonn_jax.data.tasks import (
+    Task,
+    TaskFormatError,
+    load_task_file,
+    load_tasks,
+    merge_skipped,
+    write_skipped_report,
+)
 from tinyonn_jax.data.tokenizer import serialize_prompt, serialize_task
 
 GOOD = {
@@ -171,3 +178,57 @@ def test_task_is_immutable() -> None:
         t.task_id = "x"  # type: ignore[misc]
     with pytest.raises(ValueError):
         t.train[0][0][0, 0] = 1
+
+
+def test_deeply_nested_json_is_skipped_and_counted(tmp_path: Path) -> None:
+    write(tmp_path / "a.json", GOOD)
+    write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000)  # RecursionError in json.load
+    write(tmp_path / "z.json", GOOD)
+    with pytest.raises(TaskFormatError) as info:
+        load_task_file(tmp_path / "deep.json")
+    assert info.value.field == "<json>" and "nested too deeply" in str(info.value)
+    with pytest.warns(UserWarning, match="skipped 1 bad task file"):
+        tasks = load_tasks(tmp_path)
+    assert [t.task_id for t in tasks] == ["a", "z"] and tasks.report.num_skipped == 1
+    assert tasks.report.skipped_paths() == [str((tmp_path / "deep.json").resolve())]
+
+
+def test_two_split_load_of_one_folder_counts_each_bad_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"  # no training/evaluation sub-directories: read for both splits
+    data.mkdir()
+    write(data / "good.json", GOOD)
+    write(data / "broken.json", '{"train": [')
+    write(data / "changed.json", [1, 2])
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning):
+        train = load_tasks("data", "train")  # a relative path ...
+    write(data / "changed.json", _with(("train",), []))  # ... a different defect on re-read
+    with pytest.warns(UserWarning):
+        held = load_tasks(data.resolve(), "eval")  # ... and an absolute one
+    assert train.report.num_skipped + held.report.num_skipped == 4  # the double count
+    merged = merge_skipped(train.report, held.report)
+    assert [Path(k).name for k, _ in merged] == ["broken.json", "changed.json"]
+    assert all(Path(k).is_absolute() for k, _ in merged)
+    reasons = dict(merged)
+    assert "malformed JSON" in reasons[str(data.resolve() / "broken.json")]
+    assert " | " not in reasons[str(data.resolve() / "broken.json")]  # one reason, kept once
+    changed = reasons[str(data.resolve() / "changed.json")]
+    assert "JSON object" in changed and "list is empty" in changed  # both reasons kept
+    out = write_skipped_report(merged, tmp_path / "logs" / "skipped_tasks.tsv")
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert rows == [[k, r] for k, r in merged]
+
+
+def test_folder_without_task_files_names_path_and_split(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a task")
+    with pytest.raises(FileNotFoundError, match="no task JSON files") as info:
+        load_tasks(tmp_path, "train")
+    assert str(tmp_path) in str(info.value) and "split train" in str(info.value)
+    (tmp_path / "training").mkdir()
+    write(tmp_path / "training" / "t1.json", GOOD)
+    assert [t.task_id for t in load_tasks(tmp_path, "train")] == ["t1"]
+    with pytest.raises(FileNotFoundError, match="split eval") as info:
+        load_tasks(tmp_path, "eval")  # no evaluation/ sub-directory and no JSON at the root
+    assert "'evaluation' or 'eval' sub-directory" in str(info.value)

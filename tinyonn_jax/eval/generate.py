@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tinyonn_jax import validate
 from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
 from tinyonn_jax.model import attention, dense, moe
@@ -194,16 +195,28 @@ def _is_stop(tok: jax.Array) -> jax.Array:
     return functools.reduce(jnp.logical_or, [tok == s for s in STOP_TOKENS])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig, *,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Generation:
     """Greedy decoding of left-padded prompts tokens (B, Tp) with true lengths (B,).
 
     Compiles once per (B, Tp, cfg, max_new_tokens); see ``left_pad`` and the module docstring
     for the layout. Returns a ``Generation`` with tokens (B, max_new_tokens).
+
+    Raises ``ValueError`` (``validate.check_generate_inputs``) for tokens that are not an integer
+    (B, Tp) array of ids in ``[0, cfg.vocab_size)``, lengths that are not integers (B,) in
+    ``[1, Tp]``, params of another model, or ``max_new_tokens < 1``. Value checks run on
+    concrete arguments, before the jitted decoding.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    validate.check_generate_inputs(params, tokens, lengths, cfg)
+    return _generate(params, tokens, lengths, cfg, max_new_tokens=max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
+def _generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig, *,
+              max_new_tokens: int) -> Generation:
+    """The jitted body of ``generate`` (arguments already checked)."""
     b, tp = tokens.shape
     lengths = lengths.astype(jnp.int32)
     pad = tp - lengths

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tinyonn_jax import validate
 from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.model import attention, experts, recursion
 from tinyonn_jax.model.norm import init_layer_norm, layer_norm
@@ -88,7 +89,12 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     with their bool decisions mask_q/mask_k/mask_v, k_q/k_k/k_v (S,B,T,H), u_ffn (S,B,T,D),
     z_ffn and mask_ffn (S,B,T,E), k_ffn (S,B,T), hidden (S,B,T,D),
     logits (S,B,T,V), halt_logits (S,B,2); plus 'context' (positions, segment ids).
+
+    Raises ``ValueError`` for inputs that do not fit ``cfg`` (``validate.check_forward_inputs``:
+    shapes, dtypes and the parameter tree, also under ``jax.jit``; token ids outside
+    ``[0, cfg.vocab_size)`` when ``tokens`` is concrete).
     """
+    validate.check_forward_inputs(params, tokens, cfg, positions, segment_ids)
     ctx = recursion.make_context(tokens, positions, segment_ids)
     x = embed(params, tokens, cfg)
     _, aux = recursion.refine(params, x, ctx, cfg, probes, make_readout(cfg))
@@ -99,7 +105,11 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
 def forward_adaptive(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
                      threshold: float | None = None, positions: jax.Array | None = None,
                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Inference with ACT early exit: logits (B,T,V) and refinement steps used per row (B,)."""
+    """Inference with ACT early exit: logits (B,T,V) and refinement steps used per row (B,).
+
+    Inputs are checked as in ``forward``.
+    """
+    validate.check_forward_inputs(params, tokens, cfg, positions, segment_ids)
     ctx = recursion.make_context(tokens, positions, segment_ids)
     thr = cfg.halt_threshold if threshold is None else threshold
     readout = make_readout(cfg)
