@@ -1,3 +1,14 @@
+import os
+import tempfile
+
+# One persistent XLA compilation cache for the test session and the programs it starts (they
+# inherit the environment): the many short training runs of the suite compile the same steps.
+# A cached executable is the one the same program compiles to, so results do not change.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "tinyonn-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 from tinyonn_jax.runtime import configure_xla_cpu
 
 configure_xla_cpu()  # before any test starts a JAX backend

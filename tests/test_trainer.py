@@ -15,6 +15,7 @@ import pytest
 
 from tinyonn_jax import trainer
 from tinyonn_jax.config import apply_overrides
+from tinyonn_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -46,7 +47,7 @@ def test_run_writes_events_dashboards_and_checkpoint(tmp_path):
 
 def test_existing_checkpoints_need_resume(tmp_path):
     trainer.run(_micro_cfg(**{"train.num_steps": 2}), tmp_path, quiet=True)
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         trainer.run(_micro_cfg(), tmp_path, quiet=True)
 
 

@@ -24,6 +24,7 @@ object into a no-op for runs that do not checkpoint.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -197,6 +198,25 @@ class Checkpointer:
         restored = manager.restore(int(step),
                                    args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
         return dict(restored[_CONFIG])
+
+    def set_aside(self, step: int, destination: str | Path) -> Path:
+        """Move the finalized step ``step`` out of the checkpoint directory into ``destination``
+        (e.g. one that cannot be restored), so later saves may reuse its step number. Returns
+        the new path; nothing is deleted."""
+        manager = self._live()
+        if manager is None:
+            raise RuntimeError(f"Checkpointer for {self.directory} is disabled")
+        manager.wait_until_finished()
+        destination = Path(destination)
+        destination.mkdir(parents=True, exist_ok=True)
+        target = destination / str(step)
+        n = 1
+        while target.exists():
+            target = destination / f"{step}.{n}"
+            n += 1
+        shutil.move(str(self.directory / str(step)), str(target))
+        manager.reload()
+        return target
 
     def wait_until_finished(self) -> None:
         """Block until a background save has been finalized (re-raises its error, if any)."""

@@ -4,6 +4,20 @@
 jitted, state-donating step per batch shape; everything numeric happens in the family's pure
 ``train_step``. Only process 0 writes logs and plots; every process takes part in checkpoints
 (orbax writes each process's shards).
+
+What the loop guarantees:
+
+* one run per workdir (``workdir.WorkdirLock``); a second one is refused with the holder's PID;
+* SIGINT / SIGTERM: the step in flight finishes, a checkpoint is saved, and ``run`` raises
+  ``errors.Interrupted`` (exit code 130 / 143); a second signal exits at once;
+* a state with inf or NaN is never saved (``optim.guarded_update`` skips such updates; the loop
+  checks again before every save); ``train.warn_after_skips`` consecutive skipped updates give a
+  warning, ``train.stop_after_skips`` stop the run with a ``UserError``;
+* ``--resume`` restores the newest checkpoint that can be read (unreadable newer ones are moved
+  to ``<workdir>/checkpoints_unreadable``), rewinds ``metrics.jsonl``, ``lifecycle.jsonl`` and
+  TensorBoard to the restored step, and says what it does when there is nothing to resume or
+  the config changed;
+* every host batch is checked (``validate.check_batch``) before it reaches the jitted step.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,39 +39,71 @@ from jax.sharding import PartitionSpec as P
 
 from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import loss as task_loss
-from tinyonn_jax import parallel
+from tinyonn_jax import optim, parallel, validate
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
+from tinyonn_jax.data import tokenizer
 from tinyonn_jax.data.batching import BatchStream, pack_sequences
 from tinyonn_jax.data.curriculum import order_by_difficulty, warmup_count
-from tinyonn_jax.data.tasks import Task, load_tasks
+from tinyonn_jax.data.tasks import (
+    Task,
+    TaskFormatError,
+    load_tasks,
+    merge_skipped,
+    write_skipped_report,
+)
 from tinyonn_jax.data.tokenizer import serialize_task
+from tinyonn_jax.errors import ConfigError, Interrupted, UserError
 from tinyonn_jax.families import Family, get_family, usage_rows
+from tinyonn_jax.interrupts import GracefulStop
 from tinyonn_jax.observe import dashboards
 from tinyonn_jax.observe.progress import Progress
-from tinyonn_jax.observe.writer import MetricsWriter, load_history
+from tinyonn_jax.observe.writer import JSONL_NAME, MetricsWriter, load_history
+from tinyonn_jax.workdir import WorkdirLock, check_writable, rewind_jsonl
+
+BAD_FILES_NAME = "bad_task_files.txt"
+UNREADABLE_DIR = "checkpoints_unreadable"
+LIFECYCLE_NAME = "lifecycle.jsonl"
+
+
+def say(message: str) -> None:
+    """A one-line notice of the training program on stderr (process 0 only)."""
+    if parallel.is_primary():
+        print(f"tinyonn-train: {message}", file=sys.stderr, flush=True)
 
 
 def load_config(path: str | Path) -> Config:
-    """Import a config file exposing ``get_config() -> Config``."""
+    """Import a config file exposing ``get_config() -> Config``; ``UserError`` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise UserError(f"config file does not exist ({path})")
     spec = importlib.util.spec_from_file_location(f"tinyonn_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config()")
-    cfg = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise UserError(f"config file has no get_config() ({path})")
+        cfg = module.get_config()
+    except (UserError, ConfigError):
+        raise
+    except Exception as e:  # any error inside the user's file is the user's to fix
+        raise UserError(f"config file raised {type(e).__name__}: {e} ({path})") from e
     if not isinstance(cfg, Config):
-        raise ValueError(f"{path}: get_config() must return tinyonn_jax.config.Config")
+        raise UserError(f"get_config() must return tinyonn_jax.config.Config, got "
+                        f"{type(cfg).__name__} ({path})")
     return cfg
 
 
-def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], int]:
-    """Training tasks (easiest first, ``max_tasks`` of them), held-out tasks, bad-file count."""
-    tasks = load_tasks(cfg.data.source, cfg.data.split)
-    bad = tasks.report.num_skipped
+def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], list[tuple[str, str]]]:
+    """Training tasks (easiest first, ``max_tasks`` of them), held-out tasks, and the bad files
+    of both loads, each file once (a folder without split sub-directories serves both)."""
+    try:
+        with warnings.catch_warnings():  # the caller reports the merged bad files once
+            warnings.filterwarnings("ignore", message="skipped .* bad task file")
+            tasks = load_tasks(cfg.data.source, cfg.data.split)
+    except (FileNotFoundError, TaskFormatError, ValueError) as e:
+        raise UserError(f"cannot load tasks: {e} (data.source={cfg.data.source!r})") from None
+    reports = [tasks.report]
     ordered = order_by_difficulty(tasks)
     if cfg.data.max_tasks:
         ordered = ordered[: cfg.data.max_tasks]
@@ -64,16 +111,19 @@ def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], int]:
     if cfg.train.eval_tasks:
         other = "eval" if cfg.data.split == "train" else "train"
         try:
-            held = load_tasks(cfg.data.source, other)
-            bad += held.report.num_skipped
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="skipped .* bad task file")
+                held = load_tasks(cfg.data.source, other)
+            reports.append(held.report)
             train_ids = {t.task_id for t in ordered}
             held_out = [t for t in order_by_difficulty(held) if t.task_id not in train_ids
                         and all(o is not None for _, o in t.test)][: cfg.train.eval_tasks]
         except (FileNotFoundError, ValueError) as e:
             warnings.warn(f"no held-out tasks for evaluation: {e}", stacklevel=2)
     if not ordered:
-        raise ValueError(f"no usable tasks in data.source={cfg.data.source!r}")
-    return ordered, held_out, bad
+        raise UserError(f"no usable tasks (data.source={cfg.data.source!r}, "
+                        f"data.split={cfg.data.split!r})")
+    return ordered, held_out, merge_skipped(*reports)
 
 
 class DataFeed:
@@ -155,39 +205,171 @@ def _eval_metrics(family: Family, cfg: Config):
     return jax.jit(fn)
 
 
+def _vocab_field(cfg: Config) -> tuple[str, int]:
+    """The config field holding the vocabulary size of the family's model, and its value."""
+    section = {"spl": "spl", "dynmoe": "moe"}.get(cfg.model.family, "model")
+    return f"{section}.vocab_size", getattr(cfg, section).vocab_size
+
+
+def check_config(cfg: Config, mesh) -> None:
+    """What the config must satisfy beyond its own fields, before anything is built."""
+    name, vocab = _vocab_field(cfg)
+    if vocab < tokenizer.VOCAB_SIZE:
+        raise ConfigError(f"config {name}={vocab}: must be >= {tokenizer.VOCAB_SIZE}, the ARC "
+                          "tokenizer's vocabulary (larger token ids would be clamped)")
+    if cfg.data.batch_size % mesh.shape[parallel.DATA]:
+        raise ConfigError(f"config data.batch_size={cfg.data.batch_size}: must be divisible by "
+                          f"the data axis of the mesh ({mesh.shape[parallel.DATA]} devices)")
+    if cfg.train.stop_after_skips < cfg.train.warn_after_skips:
+        raise ConfigError(f"config train.stop_after_skips={cfg.train.stop_after_skips}: must be "
+                          f">= train.warn_after_skips={cfg.train.warn_after_skips}")
+
+
+def _changed_keys(saved: dict, now: dict) -> list[str]:
+    """``section.key`` of every value that differs between two ``Config.to_dict()``."""
+    keys = []
+    for section in sorted(set(saved) | set(now)):
+        a, b = saved.get(section) or {}, now.get(section) or {}
+        keys += [f"{section}.{k}" for k in sorted(set(a) | set(b))
+                 if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)]
+    return keys
+
+
+# Data fields that do not change the order of batches: the stream position stays valid.
+_DATA_FIELDS_KEEPING_POSITION = ("curriculum_warmup",)
+
+
+def _restore_newest_readable(ckpt: Checkpointer, template, workdir: Path, cfg: Config):
+    """(state, data position, saved config) of the newest checkpoint that restores and is
+    finite; unreadable newer steps are moved aside with a warning. ``UserError`` when none."""
+    failures = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            saved = ckpt.restore_config(step)
+            if saved.get("model") != cfg.to_dict()["model"]:
+                raise UserError(f"--resume: checkpoint step {step} was trained with a different "
+                                f"model config; refusing to continue it with this one "
+                                f"({_changed_keys(saved, cfg.to_dict())[:5]})")
+            state, position, saved = ckpt.restore(template, step=step)
+            if not bool(jax.device_get(_all_finite(state))):
+                raise ValueError("the saved state holds inf or NaN")
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any failure to read a step means "unreadable"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            failures.append((step, f"{type(e).__name__}: {first}"))
+            continue
+        for bad, why in failures:
+            moved = ckpt.set_aside(bad, workdir / UNREADABLE_DIR)
+            say(f"warning: checkpoint step {bad} cannot be restored ({why}); moved to {moved}")
+        if failures:
+            say(f"resuming from checkpoint step {step}, the newest readable one")
+        return state, position, saved
+    detail = "; ".join(f"step {s}: {why}" for s, why in failures)
+    raise UserError(f"no checkpoint in {ckpt.directory} can be restored ({detail})")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return optim.all_finite(tree)
+
+
+def _rewind_logs(logdir: Path, step: int) -> None:
+    """Drop what a stopped run logged after ``step`` (the step this run restarts from)."""
+    for name in (JSONL_NAME, LIFECYCLE_NAME):
+        dropped = rewind_jsonl(logdir / name, step)
+        if dropped:
+            say(f"{logdir / name}: dropped {dropped} record(s) after step {step}, logged by "
+                "the previous run after its last checkpoint")
+
+
+def _save(ckpt: Checkpointer, step: int, state, pos: dict, cfg: Config) -> None:
+    """Save ``state`` unless it holds inf or NaN (then stop: the last checkpoint stays)."""
+    if not bool(jax.device_get(_all_finite(state))):
+        raise UserError(f"the train state at step {step} holds inf or NaN; not saving it (the "
+                        f"last checkpoint in {ckpt.directory} is kept)")
+    ckpt.save(step, state, pos, cfg.to_dict(), wait=False)
+
+
 def run(cfg: Config, workdir: str | Path, *, resume: bool = False, devices=None,
         quiet: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` in ``workdir``. Returns the last logged scalar metrics (host floats)."""
+    """Train ``cfg`` in ``workdir``. Returns the last logged scalar metrics (host floats).
+
+    Raises ``UserError`` for what the user can fix (config, data, workdir, checkpoints) and
+    ``Interrupted`` after a SIGINT / SIGTERM once the state is saved.
+    """
     parallel.maybe_initialize_distributed()
     workdir = Path(workdir)
     primary = parallel.is_primary()
     family = get_family(cfg)
     mesh = parallel.make_mesh(cfg.train, devices)
-    if cfg.data.batch_size % mesh.shape[parallel.DATA]:
-        raise ValueError(f"config data.batch_size={cfg.data.batch_size} must be divisible by the "
-                         f"data axis of the mesh ({mesh.shape[parallel.DATA]} devices)")
+    check_config(cfg, mesh)
+    lock = WorkdirLock(workdir)
+    if primary:
+        check_writable(workdir)
+        lock.acquire()
+    try:
+        return _run_locked(cfg, workdir, family, mesh, resume=resume, quiet=quiet)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: Config, workdir: Path, family: Family, mesh, *, resume: bool,
+                quiet: bool) -> dict[str, Any]:
+    primary = parallel.is_primary()
     tasks, held_out, bad_files = select_tasks(cfg)
+    if bad_files and primary:
+        write_skipped_report(bad_files, workdir / BAD_FILES_NAME)
+        say(f"skipped {len(bad_files)} bad task file(s); the list with reasons is in "
+            f"{workdir / BAD_FILES_NAME}")
 
     key = jax.random.key(cfg.train.seed)
     params_shape = jax.eval_shape(lambda k: family.init_params(k, cfg), key)
     optimizer = family.build_optimizer(cfg, params_shape)
     shapes, state_sh = _state_template(family, cfg, optimizer, mesh, key)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    try:
+        return _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, tasks,
+                      held_out, len(bad_files), resume=resume, quiet=quiet)
+    finally:
+        ckpt.wait_until_finished()
+        ckpt.close()
+
+
+def _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, tasks, held_out,
+           bad_files: int, *, resume: bool, quiet: bool) -> dict[str, Any]:
+    primary = parallel.is_primary()
     position = None
     latest = ckpt.latest_step()
     if latest is not None and not resume:
-        raise SystemExit(f"{workdir} already holds checkpoints (latest step {latest}); pass "
-                         "--resume to continue, or choose a new --workdir")
+        raise UserError(f"the workdir already holds checkpoints (latest step {latest}); pass "
+                        f"--resume to continue, or choose a new --workdir ({workdir})")
+    if resume and latest is None:
+        say(f"--resume: no checkpoint in {workdir / 'checkpoints'}; starting from step 0")
     if resume and latest is not None:
         template = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 shapes, state_sh)
-        state, position, saved = ckpt.restore(template)
-        if saved.get("model") != cfg.to_dict()["model"]:
-            raise SystemExit("--resume: the checkpoint was trained with a different model "
-                             "config; refusing to continue it with this one")
+        state, position, saved = _restore_newest_readable(ckpt, template, workdir, cfg)
+        changed = _changed_keys(saved, cfg.to_dict())
+        data_changed = [k for k in changed if k.startswith("data.")
+                        and k.split(".", 1)[1] not in _DATA_FIELDS_KEEPING_POSITION]
+        if data_changed:
+            say(f"warning: --resume with changed data config {data_changed}; the data stream "
+                "starts again from its beginning")
+            position = None
+        others = [k for k in changed if k not in data_changed and k != "train.num_steps"]
+        if others:
+            say(f"warning: --resume continues with changed config values {others}")
     else:
         init = jax.jit(lambda k: family.init_state(cfg, optimizer, k), out_shardings=state_sh)
         state = init(key)
+    start = int(jax.device_get(state.step))
+    if start > cfg.train.num_steps:
+        raise UserError(f"the checkpoint is at step {start}, beyond train.num_steps="
+                        f"{cfg.train.num_steps}; raise train.num_steps to train further")
+    if resume and start == cfg.train.num_steps:
+        say(f"the checkpoint is at step {start} = train.num_steps; nothing to train")
+        return {"train/final_step": start}
     feed = DataFeed(tasks, cfg, position)
 
     replicated = NamedSharding(mesh, P())
@@ -203,75 +385,109 @@ def run(cfg: Config, workdir: str | Path, *, resume: bool = False, devices=None,
         eval_batches = [parallel.shard_batch(b, mesh) for b in eval_batches]
 
     logdir = workdir / "logs"
-    start = int(jax.device_get(state.step))
-    previous = load_history(logdir / "metrics.jsonl") if (
-        resume and (logdir / "metrics.jsonl").exists()) else {}
-    writer = MetricsWriter(logdir, enabled=primary)
-    # A resumed run's dashboards continue the curves up to the restored step (steps logged after
-    # it by the interrupted process are superseded).
-    writer.history.update({k: [(s, v) for s, v in pts if s <= start]
-                           for k, pts in previous.items()})
+    if primary:
+        _rewind_logs(logdir, start)
+    previous = load_history(logdir / JSONL_NAME) if (logdir / JSONL_NAME).exists() else {}
+    # TensorBoard hides what an earlier process in this logdir wrote for the steps this run redoes.
+    earlier = primary and any(logdir.glob("events.out.tfevents.*"))
+    writer = MetricsWriter(logdir, enabled=primary, purge_step=start + 1 if earlier else None)
+    writer.history.update(previous)
     expert_log = dashboards.ExpertLog()
     if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        config_json = json.dumps(cfg.to_dict(), indent=2, default=str)
+        (workdir / "config.json").write_text(config_json)
+        writer.text(start, "config", f"```\n{config_json}\n```")
     progress = Progress(cfg.train.num_steps, enabled=primary and not quiet, start_step=start)
+    _, vocab = _vocab_field(cfg)
     pools = family.expert_pools(cfg)
     last: dict[str, Any] = {}
     tokens_since, t_last, steps_since = 0.0, time.perf_counter(), 0
     pos = position or {}
+    consecutive_skips = 0
+    pending_ok = None  # update_ok of the previous step, read one step late (no device sync)
     try:
-        for step in range(start, cfg.train.num_steps):
-            batch, pos = feed.next(step)
-            tokens = float(np.sum(batch["segment_ids"] > 0))
-            state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
-            tokens_since += tokens
-            steps_since += 1
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
-                scalars, vectors = _split_metrics(jax.device_get(metrics))
-                now = time.perf_counter()
-                scalars["perf/step_time_s"] = (now - t_last) / steps_since
-                scalars["perf/tokens_per_s"] = tokens_since / (now - t_last)
-                scalars["data/padding_waste"] = feed.stream.padding_waste
-                scalars["data/skipped_sequences"] = feed.skipped
-                scalars["data/bad_task_files"] = bad_files
-                if pools:
-                    scalars.setdefault("experts/num_experts", float(sum(pools.values())))
-                if cfg.train.eval_every and eval_batches and done % cfg.train.eval_every == 0:
-                    # The EMA of the parameters when train.ema_decay > 0, else the params.
-                    scalars.update(evaluate_held_out(state, ema_lib.eval_params(state),
-                                                     eval_batches, eval_fn))
-                last = writer.scalars(done, scalars)
-                usage, live = (family.expert_rows or usage_rows)(vectors)
-                if usage:
-                    expert_log.record(done, usage, live=live)
-                progress.update(done, last, tokens=tokens_since)
-                tokens_since, t_last, steps_since = 0.0, now, 0
-            else:
-                progress.update(done)
-            if family.maintain is not None:
-                state, events = family.maintain(state, cfg, done)
-                for ev_step, kind, expert_id, site in events:
-                    expert_log.event(ev_step, kind, expert_id, site=site)
-                if events and primary:
-                    with open(logdir / "lifecycle.jsonl", "a", encoding="utf-8") as f:
-                        for ev_step, kind, expert_id, site in events:
-                            f.write(json.dumps({"step": int(ev_step), "kind": kind,
-                                                "expert": int(expert_id), "site": site}) + "\n")
-            if primary and (done % cfg.train.plot_every == 0 or done == cfg.train.num_steps):
-                dashboards.plot_core_metrics(writer.history, logdir)
-                if expert_log.sites:
-                    dashboards.plot_expert_dashboard(expert_log, logdir)
-            if done % cfg.train.ckpt_every == 0 or done == cfg.train.num_steps:
-                ckpt.save(done, state, pos, cfg.to_dict(), wait=False)
+        with GracefulStop() as stop:
+            for step in range(start, cfg.train.num_steps):
+                batch, pos = feed.next(step)
+                validate.check_batch(batch, vocab)
+                tokens = float(np.sum(batch["segment_ids"] > 0))
+                state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
+                done = step + 1
+                if pending_ok is not None:
+                    consecutive_skips = _count_skips(cfg, pending_ok, consecutive_skips, done - 1)
+                pending_ok = metrics["train/update_ok"]
+                tokens_since += tokens
+                steps_since += 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
+                    scalars, vectors = _split_metrics(jax.device_get(metrics))
+                    now = time.perf_counter()
+                    scalars["perf/step_time_s"] = (now - t_last) / steps_since
+                    scalars["perf/tokens_per_s"] = tokens_since / (now - t_last)
+                    scalars["data/padding_waste"] = feed.stream.padding_waste
+                    scalars["data/skipped_sequences"] = feed.skipped
+                    scalars["data/bad_task_files"] = bad_files
+                    if pools:
+                        scalars.setdefault("experts/num_experts", float(sum(pools.values())))
+                    if cfg.train.eval_every and eval_batches and done % cfg.train.eval_every == 0:
+                        # The EMA of the parameters when train.ema_decay > 0, else the params.
+                        scalars.update(evaluate_held_out(state, ema_lib.eval_params(state),
+                                                         eval_batches, eval_fn))
+                    last = writer.scalars(done, scalars)
+                    usage, live = (family.expert_rows or usage_rows)(vectors)
+                    if usage:
+                        expert_log.record(done, usage, live=live)
+                    progress.update(done, last, tokens=tokens_since)
+                    tokens_since, t_last, steps_since = 0.0, now, 0
+                else:
+                    progress.update(done)
+                if family.maintain is not None:
+                    state, events = family.maintain(state, cfg, done)
+                    for ev_step, kind, expert_id, site in events:
+                        expert_log.event(ev_step, kind, expert_id, site=site)
+                    if events and primary:
+                        with open(logdir / LIFECYCLE_NAME, "a", encoding="utf-8") as f:
+                            for ev_step, kind, expert_id, site in events:
+                                f.write(json.dumps({"step": int(ev_step), "kind": kind,
+                                                    "expert": int(expert_id), "site": site})
+                                        + "\n")
+                if primary and (done % cfg.train.plot_every == 0
+                                or done == cfg.train.num_steps):
+                    paths = [dashboards.plot_core_metrics(writer.history, logdir)]
+                    if expert_log.sites:
+                        paths.append(dashboards.plot_expert_dashboard(expert_log, logdir))
+                    for path in paths:
+                        writer.image(done, f"dashboards/{Path(path).stem}", path)
+                if done % cfg.train.ckpt_every == 0 or done == cfg.train.num_steps:
+                    _save(ckpt, done, state, pos, cfg)
+                if stop.requested is not None:
+                    if done % cfg.train.ckpt_every and done != cfg.train.num_steps:
+                        _save(ckpt, done, state, pos, cfg)
+                    ckpt.wait_until_finished()
+                    raise Interrupted(stop.requested,
+                                      f"interrupted at step {done}; checkpoint saved in "
+                                      f"{ckpt.directory} (continue with --resume)")
+            if pending_ok is not None:
+                _count_skips(cfg, pending_ok, consecutive_skips, cfg.train.num_steps)
     finally:
         progress.close()
-        ckpt.wait_until_finished()
-        ckpt.close()
         writer.close()
     last["train/final_step"] = cfg.train.num_steps
     return last
+
+
+def _count_skips(cfg: Config, update_ok, consecutive: int, step: int) -> int:
+    """Consecutive skipped updates up to ``step``; warns and stops at the configured counts."""
+    if float(jax.device_get(update_ok)) > 0:
+        return 0
+    consecutive += 1
+    if consecutive == cfg.train.warn_after_skips:
+        say(f"warning: {consecutive} consecutive updates skipped up to step {step} (non-finite "
+            "loss, gradients or updated state); check optim.learning_rate and the data")
+    if consecutive >= cfg.train.stop_after_skips:
+        raise UserError(f"stopping: {consecutive} consecutive updates skipped up to step {step} "
+                        "(non-finite loss, gradients or updated state); the last checkpoint is "
+                        "kept (train.stop_after_skips)")
+    return consecutive
 
 
 def config_summary(cfg: Config) -> str:

@@ -1,7 +1,9 @@
 """Training progress: a rich progress bar on a terminal, periodic plain lines elsewhere (CI, logs).
 
-Both show the step, the latest loss / accuracy and the throughput in tokens per second. Only
-process 0 should display (``enabled=jax.process_index() == 0``).
+Both show the step, the latest loss / accuracy and the throughput in tokens per second. Metrics
+are logged every ``train.log_every`` steps; between log steps the shown values name the step
+they come from (``loss 1.23 acc 0.41 @80``). Only process 0 should display
+(``enabled=jax.process_index() == 0``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Progress:
         self.display = display
         self._stream = stream if stream is not None else sys.stdout
         self._shown: dict[str, float] = {}
+        self._shown_step: int | None = None  # the step the shown values were measured at
         self._start = self._last_time = time.monotonic()
         self._start_step = self._last_printed = int(start_step)
         self._tokens = 0.0  # since the last throughput measurement
@@ -111,16 +114,19 @@ class Progress:
             for name in names:
                 if metrics is not None and name in metrics:
                     self._shown[label] = float(np.asarray(metrics[name]))
+                    self._shown_step = step
                     break
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, stats=self._stats())
+            self._bar.update(self._task, completed=step, stats=self._stats(step))
         elif step - self._last_printed >= self.print_every or step >= self.total_steps:
             # Distance, not step % n: callers may update only at their own logging interval.
             self._last_printed = step
             print(self.line(step), file=self._stream, flush=True)
 
-    def _stats(self) -> str:
+    def _stats(self, step: int) -> str:
         parts = [f"{k} {v:.4g}" for k, v in self._shown.items()]
+        if parts and self._shown_step is not None and self._shown_step != step:
+            parts[-1] += f" @{self._shown_step}"
         if self._tok_per_s is not None:
             parts.append(f"{_si(self._tok_per_s)} tok/s")
         return " | ".join(parts)
@@ -133,7 +139,7 @@ class Progress:
         eta = _duration((self.total_steps - step) / rate) if rate else "?"
         pct = 100.0 * step / max(self.total_steps, 1)
         head = f"step {step}/{self.total_steps} ({pct:.0f}%)"
-        stats = self._stats()
+        stats = self._stats(step)
         tail = f"{rate:.2f} step/s | elapsed {_duration(elapsed)} | eta {eta}"
         return " | ".join(p for p in (head, stats, tail) if p)
 

@@ -11,6 +11,10 @@ transfer and fans them out to
 
 Only process 0 should write (``enabled=jax.process_index() == 0``). A disabled writer touches no
 file but still keeps ``history``, so notebooks and tests can plot without a log directory.
+
+A run that restarts from step ``s`` opens the writer with ``purge_step=s + 1``: TensorBoard then
+hides the events of steps ``>= s + 1`` written before the restart, and ``metrics.jsonl`` is
+rewound by the caller (``tinyonn_jax.workdir.rewind_jsonl``), so every step appears once.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ class MetricsWriter:
         flush_secs: how often tensorboardX flushes event files in the background.
     """
 
-    def __init__(self, logdir: str | Path, *, enabled: bool = True, flush_secs: int = 30) -> None:
+    def __init__(self, logdir: str | Path, *, enabled: bool = True, flush_secs: int = 30,
+                 purge_step: int | None = None) -> None:
         self.logdir = Path(logdir)
         self.enabled = enabled
         self.history: History = {}
@@ -78,7 +83,8 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # deferred: disabled writers need no TB
 
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(self.logdir), flush_secs=flush_secs)
+            self._tb = SummaryWriter(str(self.logdir), flush_secs=flush_secs,
+                                     purge_step=purge_step)
             # Line buffering: a crashed run keeps every line written before the crash.
             self._jsonl = open(self.logdir / JSONL_NAME, "a", buffering=1, encoding="utf-8")
 
@@ -106,6 +112,19 @@ class MetricsWriter:
         if self._tb is not None:
             arr = np.asarray(jax.device_get(values), dtype=np.float64).reshape(-1)
             self._tb.add_histogram(name, arr[np.isfinite(arr)], int(step))
+
+    def text(self, step: int, name: str, text: str) -> None:
+        """Record a text (e.g. the run's config) in TensorBoard's text tab."""
+        if self._tb is not None:
+            self._tb.add_text(name, text, int(step))
+
+    def image(self, step: int, name: str, png_path: str | Path) -> None:
+        """Record a PNG file (e.g. a dashboard) in TensorBoard's image tab."""
+        if self._tb is not None:
+            import matplotlib.image  # deferred: only runs that draw dashboards need it
+
+            pixels = matplotlib.image.imread(str(png_path))  # (H, W, 3|4) floats in [0, 1]
+            self._tb.add_image(name, np.asarray(pixels[..., :3]), int(step), dataformats="HWC")
 
     def flush(self) -> None:
         """Push buffered events to disk."""
