@@ -183,7 +183,7 @@ def test_report_is_replaced_atomically(run, tmp_path, capsys, monkeypatch):
             raise OSError(28, "No space left on device")
         return replace(src, dst)
 
-    monkeypatch.setattr(cli.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     line = _user_error(capsys, _argv(root, out))
     assert "No space left on device" in line and str(out) in line
     assert out.read_text() == '{"old": true}'

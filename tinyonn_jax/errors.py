@@ -8,7 +8,13 @@ two specialisations the training program raises.
 
 from __future__ import annotations
 
+import errno
 import signal
+
+# OS errors that come from the user's environment (permissions, space, paths), not from a bug.
+USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                         errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                         errno.ENAMETOOLONG})
 
 
 class UserError(Exception):
@@ -32,3 +38,14 @@ class Interrupted(Exception):
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message of a user error (``UserError``, or an ``OSError`` of the user's
+    environment), or None when ``e`` is a bug."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return None

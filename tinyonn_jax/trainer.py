@@ -42,7 +42,6 @@ from tinyonn_jax import loss as task_loss
 from tinyonn_jax import optim, parallel, validate
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
-from tinyonn_jax.data import tokenizer
 from tinyonn_jax.data.batching import BatchStream, pack_sequences
 from tinyonn_jax.data.curriculum import order_by_difficulty, warmup_count
 from tinyonn_jax.data.tasks import (
@@ -84,7 +83,7 @@ def load_config(path: str | Path) -> Config:
         if not hasattr(module, "get_config"):
             raise UserError(f"config file has no get_config() ({path})")
         cfg = module.get_config()
-    except (UserError, ConfigError):
+    except UserError:  # ConfigError included
         raise
     except Exception as e:  # any error inside the user's file is the user's to fix
         raise UserError(f"config file raised {type(e).__name__}: {e} ({path})") from e
@@ -94,13 +93,19 @@ def load_config(path: str | Path) -> Config:
     return cfg
 
 
+def _load_quietly(source: str, split: str):
+    """``load_tasks`` without its per-load bad-file warning: ``select_tasks`` reports the bad
+    files of both loads once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="skipped .* bad task file")
+        return load_tasks(source, split)
+
+
 def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], list[tuple[str, str]]]:
     """Training tasks (easiest first, ``max_tasks`` of them), held-out tasks, and the bad files
     of both loads, each file once (a folder without split sub-directories serves both)."""
     try:
-        with warnings.catch_warnings():  # the caller reports the merged bad files once
-            warnings.filterwarnings("ignore", message="skipped .* bad task file")
-            tasks = load_tasks(cfg.data.source, cfg.data.split)
+        tasks = _load_quietly(cfg.data.source, cfg.data.split)
     except (FileNotFoundError, TaskFormatError, ValueError) as e:
         raise UserError(f"cannot load tasks: {e} (data.source={cfg.data.source!r})") from None
     reports = [tasks.report]
@@ -111,9 +116,7 @@ def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], list[tuple[str, s
     if cfg.train.eval_tasks:
         other = "eval" if cfg.data.split == "train" else "train"
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="skipped .* bad task file")
-                held = load_tasks(cfg.data.source, other)
+            held = _load_quietly(cfg.data.source, other)
             reports.append(held.report)
             train_ids = {t.task_id for t in ordered}
             held_out = [t for t in order_by_difficulty(held) if t.task_id not in train_ids
@@ -214,9 +217,7 @@ def _vocab_field(cfg: Config) -> tuple[str, int]:
 def check_config(cfg: Config, mesh) -> None:
     """What the config must satisfy beyond its own fields, before anything is built."""
     name, vocab = _vocab_field(cfg)
-    if vocab < tokenizer.VOCAB_SIZE:
-        raise ConfigError(f"config {name}={vocab}: must be >= {tokenizer.VOCAB_SIZE}, the ARC "
-                          "tokenizer's vocabulary (larger token ids would be clamped)")
+    validate.check_vocab(vocab, "config", field=name)
     if cfg.data.batch_size % mesh.shape[parallel.DATA]:
         raise ConfigError(f"config data.batch_size={cfg.data.batch_size}: must be divisible by "
                           f"the data axis of the mesh ({mesh.shape[parallel.DATA]} devices)")

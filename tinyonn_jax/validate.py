@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from tinyonn_jax.data.tokenizer import VOCAB_SIZE
+from tinyonn_jax.errors import ConfigError
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 _INT_BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -73,7 +74,8 @@ def check_token_range(tokens: Any, vocab_size: int, name: str = "tokens") -> Non
 
 
 def check_vocab(vocab_size: Any, where: str = "config", field: str = "model.vocab_size") -> None:
-    """Raise ``ValueError`` when a model vocabulary cannot hold every ARC tokenizer token.
+    """Raise ``ConfigError`` (a ``ValueError``) when a model vocabulary cannot hold every ARC
+    tokenizer token.
 
     The tokenizer (``tinyonn_jax.data.tokenizer``) emits ``VOCAB_SIZE`` = 18 distinct ids; a
     smaller model vocabulary would silently clamp the larger ids. ``where`` names the source of
@@ -81,9 +83,9 @@ def check_vocab(vocab_size: Any, where: str = "config", field: str = "model.voca
     field (``spl.vocab_size`` / ``moe.vocab_size`` for the other model families).
     """
     if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool):
-        raise ValueError(f"{where}: {field} must be an integer, got {vocab_size!r}")
+        raise ConfigError(f"{where}: {field} must be an integer, got {vocab_size!r}")
     if vocab_size < VOCAB_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: {field}={int(vocab_size)} is smaller than the ARC tokenizer's "
             f"{VOCAB_SIZE} tokens (tinyonn_jax.data.tokenizer.VOCAB_SIZE); token ids >= "
             f"{int(vocab_size)} would be clamped onto the last embedding row"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from tinyonn_jax.errors import UserError
@@ -101,11 +102,20 @@ def rewind_jsonl(path: Path, step: int) -> int:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write ``text`` to a temporary file next to ``path``, flush it to disk, then rename it over
+    ``path``: readers see the old file or the new one, never a part. The file gets the mode a
+    plain new file would get (``0o666`` less the umask); the temporary file never stays behind.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

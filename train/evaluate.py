@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import traceback
@@ -37,12 +36,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from tinyonn_jax import ema as ema_lib
-from tinyonn_jax import optim
+from tinyonn_jax import optim, validate
 from tinyonn_jax import step as train_step
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.tasks import load_tasks
-from tinyonn_jax.errors import UserError
+from tinyonn_jax.errors import UserError, user_error_message
 from tinyonn_jax.eval.evaluate import (
     EvalAggregate,
     EvalTestReport,
@@ -52,6 +51,7 @@ from tinyonn_jax.eval.evaluate import (
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
 from tinyonn_jax.model import transformer
 from tinyonn_jax.runtime import configure_xla_cpu
+from tinyonn_jax.workdir import write_atomic
 
 PROG = "tinyonn-eval"
 
@@ -91,23 +91,6 @@ def _check_args(args: argparse.Namespace) -> None:
                              ("--max-tasks", args.max_tasks, 0)):
         if value < low:
             raise UserError(f"must be >= {low}, got {value} ({flag})")
-
-
-def _check_params(params: dict, cfg: Config, where: str) -> None:
-    """Fail clearly when restored parameters do not fit the model of ``cfg``."""
-    expected = jax.eval_shape(lambda: transformer.init_params(jax.random.key(0), cfg.model))
-    got = {jax.tree_util.keystr(k): a
-           for k, a in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {jax.tree_util.keystr(k): e
-            for k, e in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    if got.keys() != want.keys():
-        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-        raise UserError(f"the saved parameters do not match the model of the saved config: "
-                        f"missing {missing[:5]}, unexpected {extra[:5]} ({where})")
-    for name, a in got.items():
-        if tuple(a.shape) != tuple(want[name].shape):
-            raise UserError(f"parameter {name} has shape {tuple(a.shape)}, the saved config "
-                            f"implies {tuple(want[name].shape)} ({where})")
 
 
 def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
@@ -151,7 +134,11 @@ def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"the saved train state does not match the one its config builds: "
                             f"{_one_line(e)} ({where})") from e
-    _check_params(state.params, cfg, where)
+    try:
+        validate.check_params(state.params, cfg.model)
+    except ValueError as e:
+        raise UserError(f"the saved parameters do not fit the saved config: {_one_line(e)} "
+                        f"({where})") from None
     return ema_lib.eval_params(state), cfg, step
 
 
@@ -165,26 +152,6 @@ def check_report_path(out: Path) -> None:
             pass
     except OSError as e:
         raise UserError(f"cannot write the report: {_one_line(e)} ({out})") from e
-
-
-def write_atomic(out: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``out``, then move it over ``out``.
-
-    The file gets the mode a plain new file would get (``0o666`` less the umask).
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _table(reports: list[EvalTestReport], agg: EvalAggregate) -> tuple[Table, Table]:
@@ -273,11 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_traceback_filtering", "off")
     try:
         return run(args)
-    except UserError as e:
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None:
+            raise
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -8,18 +8,14 @@ by SIGINT / SIGTERM after saving a checkpoint. Any other failure is a bug and sh
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 
 from tinyonn_jax.config import apply_overrides
-from tinyonn_jax.errors import Interrupted, UserError
+from tinyonn_jax.errors import Interrupted, user_error_message
 from tinyonn_jax.runtime import configure_xla_cpu
 
 PROG = "tinyonn-train"
-# OS errors that come from the user's environment (permissions, space, paths), not from a bug.
-USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT,
-               errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,16 +30,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="print the config (file plus --set) as JSON and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     return p.parse_args(argv)
-
-
-def user_error_message(e: BaseException) -> str | None:
-    """The one-line message of a user error, or None when ``e`` is a bug."""
-    if isinstance(e, UserError):
-        return str(e)
-    if isinstance(e, OSError) and e.errno in USER_ERRNOS:
-        where = f" ({e.filename})" if e.filename else ""
-        return f"{e.strerror or e}{where}"
-    return None
 
 
 def main(argv=None) -> int:
