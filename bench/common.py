@@ -67,7 +67,7 @@ def random_batch(batch: int, length: int, seed: int = 1) -> dict:
 def compiled_step(cfg, batch: dict, donate: bool = False):
     """(jitted step, initial state, compiled executable, compile seconds) of the DynTRM family."""
     from tinyonn_jax import optim
-    from tinyonn_jax import step as st
+    from tinyonn_jax.families.dyntrm import step as st
 
     opt = optim.build_optimizer(cfg, st.tr.init_params(jax.random.key(0), cfg.model))
     state = st.init_state(cfg, opt, jax.random.key(0))

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 from common import compiled_step, emit, random_batch, time_fn, time_interleaved
 
 from tinyonn_jax.config import Config, ModelConfig
-from tinyonn_jax.model import experts, routing
-from tinyonn_jax.model import transformer as tr
-from tinyonn_jax.sars import surprise
+from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.sars import surprise
+from tinyonn_jax.nn import experts, routing
 
 DENSE = "auto"  # every expert on every token, evaluated the default way for this backend
 

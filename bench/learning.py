@@ -32,14 +32,14 @@ import numpy as np
 from common import emit
 
 from tinyonn_jax import ema as ema_lib
-from tinyonn_jax import step as st
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.batching import BatchStream, pack_sequences
 from tinyonn_jax.data.tasks import Task, load_tasks
 from tinyonn_jax.data.tokenizer import sequence_length, serialize_task
 from tinyonn_jax.eval.evaluate import evaluate_tasks
-from tinyonn_jax.families import get_family
-from tinyonn_jax.model import dense
+from tinyonn_jax.families.dyntrm import dense
+from tinyonn_jax.families.dyntrm import step as st
+from tinyonn_jax.family import get_family
 from tinyonn_jax.trainer import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

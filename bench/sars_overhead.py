@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from common import emit, time_fn
 
 from tinyonn_jax import optim
-from tinyonn_jax import step as st
 from tinyonn_jax.config import Config, DataConfig, SarsConfig
+from tinyonn_jax.families.dyntrm import step as st
 from tinyonn_jax.trainer import load_config
 
 

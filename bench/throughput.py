@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from common import compiled_step, emit, random_batch, time_fn
 
 from tinyonn_jax.config import Config
-from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.trainer import load_config
 
 

@@ -1,13 +1,13 @@
 """The SPL family (seed 001) on the easiest ARC-AGI-1 tasks: a CPU demo of M-SAPS."""
 
-from tinyonn_jax.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from tinyonn_jax.model.spl import SplConfig
+from tinyonn_jax.config import Config, DataConfig, OptimizerConfig, TrainConfig
+from tinyonn_jax.families.spl.config import SplConfig
 
 
 def get_config() -> Config:
     return Config(
-        model=ModelConfig(family="spl"),
-        spl=SplConfig(hidden=64, num_layers=2, recursion="stacked", moie_mult=2),
+        family="spl",
+        model=SplConfig(hidden=64, num_layers=2, recursion="stacked", moie_mult=2),
         # Adam without decoupled decay: M-SAPS has its own adaptive L2 (seed 001).
         optim=OptimizerConfig(name="adam", learning_rate=3e-3, kwargs=()),
         meta_optim=OptimizerConfig(name="adam", learning_rate=5e-4, kwargs=()),

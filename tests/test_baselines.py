@@ -11,11 +11,12 @@ from conftest import tiny_model_config
 from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import loss as task_loss
 from tinyonn_jax import optim
-from tinyonn_jax import step as st
 from tinyonn_jax.config import Config, ModelConfig, OptimizerConfig, SarsConfig, TrainConfig
-from tinyonn_jax.model import dense, recursion
-from tinyonn_jax.model import transformer as tr
-from tinyonn_jax.params import MAIN, param_labels
+from tinyonn_jax.families.dyntrm import dense, recursion
+from tinyonn_jax.families.dyntrm import step as st
+from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.nn import context
+from tinyonn_jax.nn.variables import MAIN, param_labels
 
 T = 8
 _forward = jax.jit(tr.forward, static_argnames="cfg")  # compiled once per config, across tests
@@ -170,7 +171,7 @@ def test_dense_kinds_are_causal(kinds):
     cfg = tiny_model_config(attn_kind=kinds[0], ffn_kind=kinds[1])
     params = tr.init_params(jax.random.key(0), cfg)
     tokens = _batch(cfg, b=1, t=6)["inputs"]
-    ctx = recursion.make_context(tokens)
+    ctx = context.make_context(tokens)
     readout = tr.make_readout(cfg)
 
     def logits_from_x(x):

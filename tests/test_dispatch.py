@@ -10,9 +10,9 @@ import pytest
 from conftest import tiny_model_config
 
 from tinyonn_jax import loss as task_loss
-from tinyonn_jax.model import experts
-from tinyonn_jax.model import transformer as tr
-from tinyonn_jax.sars import surprise
+from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.sars import surprise
+from tinyonn_jax.nn import experts
 
 B, T = 2, 6
 
@@ -175,8 +175,8 @@ def test_attention_has_its_own_capacity():
 
 def test_overflow_reaches_the_train_metrics():
     from tinyonn_jax import optim
-    from tinyonn_jax import step as st
     from tinyonn_jax.config import Config, OptimizerConfig
+    from tinyonn_jax.families.dyntrm import step as st
 
     _, sparse = _cfgs()
     cfg = Config(model=dataclasses.replace(sparse, capacity_frac=0.1),
@@ -266,8 +266,8 @@ def test_train_step_sars_from_the_experts_backward_equals_batched(remat, attn_di
     experts' backward pass (FFN: ``scan``, ``sparse``; latent-head library: ``scan`` without
     remat) or are recomputed from the probes (batched)."""
     from tinyonn_jax.config import Config
-    from tinyonn_jax.model import recursion
-    from tinyonn_jax.step import compute_gradients
+    from tinyonn_jax.families.dyntrm import recursion
+    from tinyonn_jax.families.dyntrm.step import compute_gradients
 
     dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense", remat=remat,
                               capacity_frac=1.0)

@@ -15,12 +15,13 @@ import jax
 import pytest
 from conftest import tiny_model_config
 
-from tinyonn_jax import optim, step
+from tinyonn_jax import optim
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data import tokenizer
 from tinyonn_jax.data.tasks import load_tasks
-from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.families.dyntrm import step
+from tinyonn_jax.families.dyntrm import transformer as tr
 from train import evaluate as cli
 
 

@@ -12,7 +12,7 @@ from tinyonn_jax.data import augment, tokenizer
 from tinyonn_jax.data.tasks import Task, load_tasks
 from tinyonn_jax.eval import evaluate
 from tinyonn_jax.eval.generate import Generation
-from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.families.dyntrm import transformer as tr
 
 VIEWS = 8
 SEED = 3

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinyonn_jax.model import gamoe
-from tinyonn_jax.model.routing import Route
+from tinyonn_jax.nn import gamoe
+from tinyonn_jax.nn.routing import Route
 
 D, E, N = 8, 6, 64
 

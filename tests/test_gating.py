@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from tinyonn_jax import loss as task_loss
-from tinyonn_jax.model import gamoe, smha
-from tinyonn_jax.model.attention import rope
-from tinyonn_jax.model.norm import layer_norm
-from tinyonn_jax.sars import gating
+from tinyonn_jax.families.dynonn import gating
+from tinyonn_jax.families.dynonn import model as dynonn
+from tinyonn_jax.nn import gamoe
+from tinyonn_jax.nn.attention import rope
+from tinyonn_jax.nn.norm import layer_norm
 
 B, T = 1, 6
-CFG = smha.MoeConfig(hidden=8, num_heads=2, head_dim=2, ffn_hidden=4, num_layers=2,
+CFG = dynonn.DynOnnConfig(hidden=8, num_heads=2, head_dim=2, ffn_hidden=4, num_layers=2,
                      max_experts=3, init_experts=3, w_sdl=0.0)
 
 
@@ -28,7 +29,7 @@ def _reference_forward(params, tokens, cfg, decisions, w_eps, out_eps):
     x = params["embed"][tokens]
     causal = jnp.tril(jnp.ones((T, T), bool))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    live = smha.init_live(cfg)
+    live = dynonn.init_live(cfg)
     per_tok = lambda w, bank: jnp.einsum("bte,edk->btdk", w, bank)  # noqa: E731
     apply = lambda a, wt: jnp.einsum("btd,btdk->btk", a, wt)  # noqa: E731
     for layer in range(cfg.num_layers):
@@ -58,15 +59,15 @@ def _reference_forward(params, tokens, cfg, decisions, w_eps, out_eps):
 @pytest.fixture(scope="module")
 def probed():
     cfg = CFG
-    params = smha.init_params(jax.random.key(0), cfg)
+    params = dynonn.init_params(jax.random.key(0), cfg)
     inputs, targets, w = _batch(cfg)
 
     def f(pr):
-        logits, aux = smha.moe_forward(params, inputs, cfg, probes=pr)
+        logits, aux = dynonn.moe_forward(params, inputs, cfg, probes=pr)
         return task_loss.cross_entropy(logits, targets, w), (logits, aux)
 
     (loss, (logits, aux)), gp = jax.jit(jax.value_and_grad(f, has_aux=True))(
-        smha.zero_probes(cfg, B, T))
+        dynonn.zero_probes(cfg, B, T))
     return dict(cfg=cfg, params=params, inputs=inputs, targets=targets, w=w, loss=loss,
                 logits=logits, aux=aux, gp=gp)
 
@@ -78,10 +79,10 @@ def _close(a, b, rtol=1e-5):
 
 def test_surprise_equals_brute_force(probed):
     cfg, params = probed["cfg"], probed["params"]
-    dec = smha.decisions_of(probed["aux"])
-    zeros = smha.zero_probes(cfg, B, T)
-    w_eps = {s: zeros[f"w_{s}"] for s in smha.SITES}
-    o_eps = {s: zeros[f"out_{s}"] for s in smha.SITES}
+    dec = dynonn.decisions_of(probed["aux"])
+    zeros = dynonn.zero_probes(cfg, B, T)
+    w_eps = {s: zeros[f"w_{s}"] for s in dynonn.SITES}
+    o_eps = {s: zeros[f"out_{s}"] for s in dynonn.SITES}
 
     def ref_loss(we, oe):
         logits = _reference_forward(params, probed["inputs"], cfg, dec, we, oe)
@@ -91,7 +92,7 @@ def test_surprise_equals_brute_force(probed):
                                                          has_aux=True))(w_eps, o_eps)
     _close(logits, probed["logits"])
     n = jnp.sum(probed["w"])
-    for site in smha.SITES:
+    for site in dynonn.SITES:
         s_w = gating.token_surprise(probed["gp"], probed["aux"], site, "weight_grad", n)
         _close(s_w, jnp.abs(g_w[site]) * n)
         s_o = gating.token_surprise(probed["gp"], probed["aux"], site, "output_grad", n)
@@ -131,9 +132,9 @@ def test_lambda_moves_from_balance_to_smk_as_pi_rises():
 def test_gating_objective_mixes_balance_and_smk_by_lambda(probed):
     cfg, aux = probed["cfg"], probed["aux"]
     n = jnp.sum(probed["w"])
-    s = {k: gating.token_surprise(probed["gp"], aux, k, "weight_grad", n) for k in smha.SITES}
+    s = {k: gating.token_surprise(probed["gp"], aux, k, "weight_grad", n) for k in dynonn.SITES}
     valid = jnp.ones((B, T))
-    live = smha.init_live(cfg)
+    live = dynonn.init_live(cfg)
     objective = jax.jit(gating.gating_objective, static_argnums=6)
     obj = {}
     for lam in (0.0, 0.3, 1.0):

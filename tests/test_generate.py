@@ -12,7 +12,7 @@ from conftest import tiny_model_config
 
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
 from tinyonn_jax.eval.generate import generate, left_pad
-from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.families.dyntrm import transformer as tr
 
 NEW = 20
 REF_LEN = 40  # fixed shape of the reference forward: one compile per config

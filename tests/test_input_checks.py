@@ -13,8 +13,9 @@ from conftest import tiny_model_config
 from tinyonn_jax import validate
 from tinyonn_jax.data.tokenizer import VOCAB_SIZE
 from tinyonn_jax.eval.generate import generate
-from tinyonn_jax.model import recursion
-from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.families.dyntrm import recursion
+from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.nn import context
 
 CFG = tiny_model_config()
 _jit_forward = jax.jit(tr.forward, static_argnames="cfg")
@@ -56,8 +57,8 @@ def test_vocab_smaller_than_tokenizer_raises() -> None:
     assert f"{VOCAB_SIZE} tokens" in str(info.value) and "configs/tiny.py" in str(info.value)
     validate.check_vocab(VOCAB_SIZE, "configs/tiny.py")
     validate.check_vocab(32, "configs/tiny.py")
-    with pytest.raises(ValueError, match=r"spl\.vocab_size=8"):
-        validate.check_vocab(8, "config", field="spl.vocab_size")
+    with pytest.raises(ValueError, match=r"model\.vocab_size=8"):
+        validate.check_vocab(8, "config", field="model.vocab_size")
     # The batch check catches the same mistake from the data side: token 17 with vocab 10.
     with pytest.raises(ValueError, match=r"batch\['inputs'\].*\[0, 10\): max 17"):
         validate.check_batch(_batch(), 10)
@@ -152,7 +153,7 @@ def test_forward_under_jit_is_unchanged() -> None:
     params, tokens = _params(), jnp.asarray(_tokens())
 
     def unchecked(p, t):  # forward's body without the checks
-        ctx = recursion.make_context(t)
+        ctx = context.make_context(t)
         _, aux = recursion.refine(p, tr.embed(p, t, CFG), ctx, CFG, None, tr.make_readout(CFG))
         return aux["logits"][-1]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tinyonn_jax.config import Config
+from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.interop import export_state_dict, import_state_dict, save_safetensors
 from tinyonn_jax.interop.pytorch import load_safetensors
-from tinyonn_jax.model import transformer as tr
 
 D, H, P, V, S = 16, 2, 4, 18, 2
 DH = D // H

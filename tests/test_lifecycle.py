@@ -7,22 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinyonn_jax import moe_step
 from tinyonn_jax.config import OptimizerConfig
-from tinyonn_jax.model import smha
-from tinyonn_jax.sars import lifecycle
+from tinyonn_jax.families.dynonn import lifecycle
+from tinyonn_jax.families.dynonn import model as dynonn
+from tinyonn_jax.families.dynonn import step as dynonn_step
 
-CFG = smha.MoeConfig(hidden=8, num_heads=2, head_dim=2, ffn_hidden=4, num_layers=2,
+CFG = dynonn.DynOnnConfig(hidden=8, num_heads=2, head_dim=2, ffn_hidden=4, num_layers=2,
                      max_experts=4, init_experts=3, lifecycle_window=3)
 update = jax.jit(lifecycle.lifecycle_update, static_argnums=3)
 
 
 def _setup(cfg=CFG):
-    params = smha.init_params(jax.random.key(0), cfg)
-    for s in smha.SITES:  # non-zero thresholds, to see them reset
+    params = dynonn.init_params(jax.random.key(0), cfg)
+    for s in dynonn.SITES:  # non-zero thresholds, to see them reset
         params["layers"][s]["gates"] = jnp.full_like(params["layers"][s]["gates"], 0.25)
     adam = OptimizerConfig(name="adam", kwargs=())
-    opt = moe_step.build_moe_optimizer(params, adam, adam)
+    opt = dynonn_step.build_moe_optimizer(params, adam, adam)
     opt_state = jax.tree.map(jnp.ones_like, opt.init(params))  # every moment 1: see resets
     pool = lifecycle.init_pool(cfg, jax.random.key(1))
     history = {s: jnp.ones_like(h) for s, h in pool.history.items()}
@@ -32,10 +32,10 @@ def _setup(cfg=CFG):
 def _selected(site_masks: dict, path) -> np.ndarray | None:
     """The boolean slice mask of a leaf at ``path`` (None if not per-expert)."""
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    if len(keys) < 3 or keys[-3] != "layers" or keys[-1] not in smha.EXPERT_AXIS:
+    if len(keys) < 3 or keys[-3] != "layers" or keys[-1] not in dynonn.EXPERT_AXIS:
         return None
     m = np.asarray(site_masks.get(keys[-2], np.zeros((CFG.groups, CFG.max_experts), bool)))
-    return m, smha.EXPERT_AXIS[keys[-1]]
+    return m, dynonn.EXPERT_AXIS[keys[-1]]
 
 
 def _expand(m, ax, shape):
@@ -130,14 +130,14 @@ def test_routing_window_keeps_the_last_steps():
     g, e, d = CFG.groups, CFG.max_experts, CFG.hidden
     for i in range(1, 6):  # window 3: steps 3, 4, 5 remain
         recs = {s: (jnp.full((g, e), float(i)), jnp.ones((g, d)), jnp.full((g,), 2.0))
-                for s in smha.SITES}
+                for s in dynonn.SITES}
         pool = lifecycle.record(pool, recs)
     np.testing.assert_allclose(lifecycle.records(pool)["attn"], 12.0)
     np.testing.assert_allclose(pool.homeless_count["ffn"], 10.0)
     assert int(pool.cursor) == 5
 
 
-@pytest.mark.parametrize("names", [tuple(smha.EXPERT_AXIS), smha.EXPERT_WEIGHTS])
+@pytest.mark.parametrize("names", [tuple(dynonn.EXPERT_AXIS), dynonn.EXPERT_WEIGHTS])
 def test_map_expert_slices_on_gradients(names):
     params, _, _ = _setup()
     grads = jax.tree.map(jnp.ones_like, params)

@@ -10,9 +10,10 @@ import pytest
 from conftest import tiny_model_config
 
 from tinyonn_jax.config import Config, ModelConfig, apply_overrides
-from tinyonn_jax.model import attention, experts, recursion, routing
-from tinyonn_jax.model import transformer as tr
-from tinyonn_jax.params import MAIN, META, param_labels
+from tinyonn_jax.families.dyntrm import dynsiha, recursion
+from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.nn import context, experts, routing
+from tinyonn_jax.nn.variables import MAIN, META, param_labels
 
 T = 6
 
@@ -33,7 +34,7 @@ def test_scan_equals_unrolled(jit, rope):
 
     logits = (jax.jit(fwd) if jit else fwd)(params, tokens)
 
-    ctx = recursion.make_context(tokens)
+    ctx = context.make_context(tokens)
     x = tr.embed(params, tokens, cfg)
     for _ in range(cfg.max_refinement_steps):  # the reference: a plain Python loop, not jitted
         x, _ = recursion.block_step(params["block"], x, None, ctx, cfg)
@@ -43,7 +44,7 @@ def test_scan_equals_unrolled(jit, rope):
 
 def test_attention_is_causal(tiny_cfg):
     params, tokens = _setup(tiny_cfg, b=1)
-    ctx = recursion.make_context(tokens)
+    ctx = context.make_context(tokens)
     x0 = tr.embed(params, tokens, tiny_cfg)
     readout = tr.make_readout(tiny_cfg)
 
@@ -110,11 +111,11 @@ def test_dense_composition_equals_per_expert_loop():
 
 
 def test_qkv_composition_matches_per_head_reference(tiny_cfg):
-    params = attention.init_attention(jax.random.key(0), tiny_cfg)
+    params = dynsiha.init_attention(jax.random.key(0), tiny_cfg)
     u = jax.random.normal(jax.random.key(1), (1, T, tiny_cfg.num_heads, tiny_cfg.head_dim))
-    routes = attention.route_attention(params, u, tiny_cfg)
-    out = attention.compose_qkv(params, u, {c: r.z for c, r in routes.items()}, None)
-    for c in attention.QKV:
+    routes = dynsiha.route_attention(params, u, tiny_cfg)
+    out = dynsiha.compose_qkv(params, u, {c: r.z for c, r in routes.items()}, None)
+    for c in dynsiha.QKV:
         ref = experts.apply_dense(params["library"], u, routes[c].z)
         np.testing.assert_allclose(out[c], ref, rtol=1e-6, atol=1e-6)
 
@@ -142,7 +143,7 @@ def test_full_remat_saves_the_step_input_and_the_routing_masks_only(capsys):
     cfg = tiny_model_config(remat="full", hidden=32, num_attn_experts=6, num_ffn_experts=5)
     params, tokens = _setup(cfg)
     x = tr.embed(params, tokens, cfg)
-    ctx = recursion.make_context(tokens)
+    ctx = context.make_context(tokens)
     step = recursion.remat_body(
         lambda x: recursion.block_step(params["block"], x, None, ctx, cfg), cfg.remat)
     jax.ad_checkpoint.print_saved_residuals(lambda x: jnp.sum(step(x)[0]), x)

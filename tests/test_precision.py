@@ -8,9 +8,9 @@ import numpy as np
 from conftest import tiny_model_config
 
 from tinyonn_jax import optim
-from tinyonn_jax import step as st
 from tinyonn_jax.config import Config, OptimizerConfig
-from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.families.dyntrm import step as st
+from tinyonn_jax.families.dyntrm import transformer as tr
 
 B, T = 2, 8
 

@@ -25,7 +25,7 @@ from tinyonn_jax import optim, trainer
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config, ModelConfig, OptimizerConfig, apply_overrides
 from tinyonn_jax.errors import ConfigError, UserError
-from tinyonn_jax.families import get_family
+from tinyonn_jax.family import get_family
 from tinyonn_jax.interrupts import GracefulStop
 from tinyonn_jax.observe.progress import Progress
 from tinyonn_jax.workdir import WorkdirLock
@@ -82,9 +82,10 @@ def test_set_parses_numbers_strings_and_tuples():
     cfg = apply_overrides(Config(), [
         "model.hidden=64", "model.num_heads=4", "optim.learning_rate=3e-4", "optim.name=lion",
         "train.deep_supervision=(1, 0.5)", "meta_optim.kwargs={'weight_decay': 0.1}",
-        "data.source='arc2'", "moe.regenerate=yes"])
-    assert cfg.model.hidden == 64 and cfg.optim.learning_rate == 3e-4
-    assert cfg.optim.name == "lion" and cfg.data.source == "arc2" and cfg.moe.regenerate is True
+        "data.source='arc2'", "family=dynonn", "model.regenerate=yes"])
+    assert cfg.optim.learning_rate == 3e-4 and cfg.family == "dynonn"
+    assert cfg.optim.name == "lion" and cfg.data.source == "arc2" and cfg.model.regenerate is True
+    assert apply_overrides(Config(), ["model.hidden=64"]).model.hidden == 64
     assert cfg.train.deep_supervision == (1, 0.5)
     assert cfg.meta_optim.kwargs == (("weight_decay", 0.1),)
     assert apply_overrides(Config(), ["train.deep_supervision=1,0.5"]).train.deep_supervision \
@@ -131,14 +132,17 @@ def test_config_rejects_non_finite_floats(kw):
         ModelConfig(init_std=float("nan"))
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_spl", "tiny_dynmoe"])
+SMALL_MODEL = {"tiny": ["model.hidden=32", "model.num_heads=2"],
+               "tiny_spl": ["model.hidden=32", "model.num_layers=2"],
+               "tiny_dynonn": ["model.hidden=32", "model.num_layers=1"]}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_MODEL))
 def test_an_overflowing_update_is_skipped_and_the_state_kept(name):
     """A finite loss whose update overflows (learning rate 1e38) keeps params and opt state."""
     cfg = apply_overrides(trainer.load_config(ROOT / "configs" / f"{name}.py"),
                           ["data.max_tasks=2", "data.max_len=256", "data.min_bucket=256",
-                           "data.batch_size=1", "model.hidden=32", "model.num_heads=2",
-                           "spl.hidden=32", "spl.num_layers=2", "moe.hidden=32",
-                           "moe.num_layers=1"])
+                           "data.batch_size=1", *SMALL_MODEL[name]])
     family = get_family(cfg)
     huge = optax.sgd(1e38)
     state = family.init_state(cfg, huge, jax.random.key(0))

@@ -12,13 +12,14 @@ from conftest import tiny_model_config
 
 from tinyonn_jax import loss as task_loss
 from tinyonn_jax import optim
-from tinyonn_jax import step as st
 from tinyonn_jax.config import Config, OptimizerConfig, SarsConfig
-from tinyonn_jax.model import attention, moe, recursion
-from tinyonn_jax.model import transformer as tr
-from tinyonn_jax.model.norm import layer_norm
-from tinyonn_jax.params import META, param_labels
-from tinyonn_jax.sars import surprise
+from tinyonn_jax.families.dyntrm import dynmoe, dynsiha
+from tinyonn_jax.families.dyntrm import step as st
+from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.sars import surprise
+from tinyonn_jax.nn import attention, context
+from tinyonn_jax.nn.norm import layer_norm
+from tinyonn_jax.nn.variables import META, param_labels
 
 B, T = 1, 6
 
@@ -48,7 +49,7 @@ def _copied_forward(params, copies, inputs, cfg):
     copies['attn'][c] = {'w1': (S,B,T,H,P,Dh,F), 'w2': ...}; copies['ffn'] = {'w1': (S,B,T,E,D,F)}.
     """
     blk = params["block"]
-    ctx = recursion.make_context(inputs)
+    ctx = context.make_context(inputs)
     x = tr.embed(params, inputs, cfg)
     slots = jnp.broadcast_to(jnp.arange(T), (B, T))
     mask = attention.attention_mask(slots, slots, ctx.segment_ids, ctx.segment_ids)
@@ -59,7 +60,7 @@ def _copied_forward(params, copies, inputs, cfg):
 
     for s in range(cfg.max_refinement_steps):
         u = attention.split_heads(layer_norm(blk["ln1"], x, cfg.ln_eps), cfg.num_heads)
-        routes = attention.route_attention(blk["attn"], u, cfg)
+        routes = dynsiha.route_attention(blk["attn"], u, cfg)
         qkv = {c: expert_out(copies["attn"][c]["w1"][s], copies["attn"][c]["w2"][s], u,
                              routes[c].z) for c in "qkv"}
         q, k = qkv["q"], qkv["k"]
@@ -69,7 +70,7 @@ def _copied_forward(params, copies, inputs, cfg):
         o = attention.dot_product_attention(q, k, qkv["v"], mask).reshape(B, T, -1)
         x = x + o @ blk["attn"]["o_proj"]
         uf = layer_norm(blk["ln2"], x, cfg.ln_eps)
-        rf = moe.route_moe(blk["ffn"], uf, cfg)
+        rf = dynmoe.route_moe(blk["ffn"], uf, cfg)
         x = x + expert_out(copies["ffn"]["w1"][s], copies["ffn"]["w2"][s], uf, rf.z)
     return tr.make_readout(cfg)(params, x)[1]
 
@@ -148,7 +149,7 @@ def test_per_site_and_total_expert_grads_equal_brute_force(brute):
 def test_attribution_importance_equals_direct_formula(brute):
     cfg, params, aux, gprobe = brute["cfg"], brute["params"], brute["aux"], brute["gprobe"]
     stats = surprise.all_site_stats(params, aux, gprobe, cfg)
-    from tinyonn_jax.model import experts
+    from tinyonn_jax.nn import experts
     y = experts.bank_outputs(params["block"]["ffn"]["bank"], aux["u_ffn"])  # (S,B,T,E,D)
     direct = jnp.abs(jnp.einsum("sbtpd,sbtd->sbtp", aux["z_ffn"][..., None] * y, gprobe["ffn"]))
     _close(stats["ffn"].o, direct)
@@ -304,8 +305,8 @@ def test_tiny_config_loss_falls_on_a_real_arc_task():
 @pytest.mark.parametrize("variant", ["entropy_plus", "dyntrm_original"])
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_scanned_sars_pass_equals_direct_computation(variant, dispatch):
-    from tinyonn_jax.sars import engine
-    from tinyonn_jax.sars import losses as meta_losses
+    from tinyonn_jax.families.dyntrm.sars import engine
+    from tinyonn_jax.families.dyntrm.sars import losses as meta_losses
 
     cfg = dataclasses.replace(tiny_model_config(), attn_dispatch=dispatch, ffn_dispatch=dispatch,
                               capacity_frac=1.0)
@@ -331,8 +332,8 @@ def test_scanned_sars_pass_equals_direct_computation(variant, dispatch):
 @pytest.mark.parametrize("mode", ["capr", "topk", "dense"])
 def test_sars_pass_rebuilds_the_forward_routing_weights(mode):
     """The SARS pass keeps bool decisions per step and rebuilds z from u: the forward's z."""
-    from tinyonn_jax.model import routing
-    from tinyonn_jax.sars import losses as meta_losses
+    from tinyonn_jax.families.dyntrm.sars import losses as meta_losses
+    from tinyonn_jax.nn import routing
 
     cfg = tiny_model_config(attn_routing=mode, ffn_routing=mode)
     params, inputs, _, _ = _data(cfg)

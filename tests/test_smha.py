@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from tinyonn_jax import loss as task_loss
-from tinyonn_jax import moe_step as ms
 from tinyonn_jax.config import OptimizerConfig
-from tinyonn_jax.model import smha
+from tinyonn_jax.families.dynonn import model as dynonn
+from tinyonn_jax.families.dynonn import step as ms
 
 B, T = 2, 8
-CFG = smha.MoeConfig(hidden=16, num_heads=2, head_dim=4, ffn_hidden=8, num_layers=2,
+CFG = dynonn.DynOnnConfig(hidden=16, num_heads=2, head_dim=4, ffn_hidden=8, num_layers=2,
                      max_experts=4, init_experts=3, lifecycle_window=4, lifecycle_period=3)
 
 
@@ -27,20 +27,20 @@ def _batch(cfg, seed=0):
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="init_experts"):
-        smha.MoeConfig(max_experts=4, init_experts=5)
+        dynonn.DynOnnConfig(max_experts=4, init_experts=5)
     with pytest.raises(ValueError, match="fallback"):
-        smha.MoeConfig(fallback="maybe")
+        dynonn.DynOnnConfig(fallback="maybe")
     with pytest.raises(ValueError, match="head_dim"):
-        smha.MoeConfig(head_dim=3)
+        dynonn.DynOnnConfig(head_dim=3)
 
 
 def test_recursion_equals_a_stack_of_identical_layers():
     rec = dataclasses.replace(CFG, structure="recursion")
-    p_rec = smha.init_params(jax.random.key(0), rec)
+    p_rec = dynonn.init_params(jax.random.key(0), rec)
     p_stack = {**p_rec, "layers": jax.tree.map(
         lambda a: jnp.broadcast_to(a, (CFG.num_layers, *a.shape[1:])), p_rec["layers"])}
     inputs = _batch(CFG)["inputs"]
-    fwd = jax.jit(smha.moe_forward, static_argnums=2)
+    fwd = jax.jit(dynonn.moe_forward, static_argnums=2)
     a, aux_a = fwd(p_rec, inputs, rec)
     b, aux_b = fwd(p_stack, inputs, CFG)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -54,20 +54,20 @@ def test_bf16_remat_cannot_flip_a_routing_decision():
     them, so the comparison is sensitive."""
     cfg = dataclasses.replace(CFG, compute_dtype="bfloat16", remat=True)
     batch = _batch(cfg)
-    params = smha.init_params(jax.random.key(1), cfg)
+    params = dynonn.init_params(jax.random.key(1), cfg)
 
     @functools.partial(jax.jit, static_argnames="remat")
     def grads(params, decisions, remat):
         c = dataclasses.replace(cfg, remat=remat)
 
         def f(p):
-            logits, aux = smha.moe_forward(p, batch["inputs"], c, decisions=decisions)
+            logits, aux = dynonn.moe_forward(p, batch["inputs"], c, decisions=decisions)
             return task_loss.cross_entropy(logits, batch["targets"], batch["weights"]), aux
 
         return jax.grad(f, has_aux=True)(params)
 
     g_remat, aux = grads(params, None, remat=True)
-    dec = smha.decisions_of(aux)
+    dec = dynonn.decisions_of(aux)
     mask = np.asarray(dec["ffn"].mask)
     assert 0 < mask.mean() < 1
     assert aux["ffn"]["u"].dtype == jnp.bfloat16
@@ -90,7 +90,7 @@ def test_bf16_remat_cannot_flip_a_routing_decision():
 
 @pytest.fixture(scope="module")
 def trainer():
-    params = smha.init_params(jax.random.key(0), CFG)
+    params = dynonn.init_params(jax.random.key(0), CFG)
     adam = OptimizerConfig(name="adam", kwargs=(), learning_rate=1e-2)
     opt = ms.build_moe_optimizer(params, adam, adam)
     return opt, ms.make_moe_train_step(CFG, opt)

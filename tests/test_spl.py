@@ -8,11 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from tinyonn_jax import spl_step as ss
 from tinyonn_jax.config import OptimizerConfig
-from tinyonn_jax.model import spl
-from tinyonn_jax.params import MAIN, META
-from tinyonn_jax.sars import msaps as ms
+from tinyonn_jax.families.spl import model as spl
+from tinyonn_jax.families.spl import msaps as ms
+from tinyonn_jax.families.spl import step as ss
+from tinyonn_jax.nn.variables import MAIN, META
 
 B, T = 2, 8
 

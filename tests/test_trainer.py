@@ -143,13 +143,13 @@ def test_sigkill_during_training_resumes_from_last_complete_checkpoint(tmp_path)
         assert c.latest_step() == last + 2
 
 
-@pytest.mark.parametrize("name", ["tiny_spl", "tiny_dynmoe"])
+@pytest.mark.parametrize("name", ["tiny_spl", "tiny_dynonn"])
 def test_other_families_train_with_the_program(tmp_path, name):
     over = ["data.max_tasks=4", "data.max_len=256", "data.min_bucket=256", "data.batch_size=2",
             "train.log_every=1", "train.plot_every=6", "train.ckpt_every=6",
             "train.eval_every=6", "train.eval_tasks=1", "train.num_steps=6"]
-    if name == "tiny_dynmoe":
-        over += ["moe.lifecycle_period=2", "moe.lifecycle_window=2", "moe.init_experts=8"]
+    if name == "tiny_dynonn":
+        over += ["model.lifecycle_period=2", "model.lifecycle_window=2", "model.init_experts=8"]
     cfg = apply_overrides(trainer.load_config(ROOT / "configs" / f"{name}.py"), over)
     out = trainer.run(cfg, tmp_path, quiet=True)
     assert np.isfinite(out["train/main_loss"]) and "eval/token_acc" in out
@@ -157,7 +157,7 @@ def test_other_families_train_with_the_program(tmp_path, name):
     assert (tmp_path / "checkpoints" / "6").is_dir()
     state, _, restored_cfg = trainer.restore_train_state(tmp_path)
     assert restored_cfg == cfg and int(state.step) == 6
-    if name == "tiny_dynmoe":
+    if name == "tiny_dynonn":
         events = [json.loads(x) for x in
                   (tmp_path / "logs" / "lifecycle.jsonl").read_text().splitlines()]
         assert {e["kind"] for e in events} & {"add", "remove", "regenerate"}

@@ -15,7 +15,7 @@ import optax
 
 from tinyonn_jax.config import Config, OptimizerConfig
 from tinyonn_jax.errors import ConfigError
-from tinyonn_jax.params import MAIN, META, param_labels
+from tinyonn_jax.nn.variables import MAIN, META, param_labels
 
 
 def learning_rate(oc: OptimizerConfig) -> optax.Schedule | float:

@@ -53,7 +53,7 @@ from tinyonn_jax.data.tasks import (
 )
 from tinyonn_jax.data.tokenizer import serialize_task
 from tinyonn_jax.errors import ConfigError, Interrupted, UserError
-from tinyonn_jax.families import Family, get_family, usage_rows
+from tinyonn_jax.family import Family, get_family, usage_rows
 from tinyonn_jax.interrupts import GracefulStop
 from tinyonn_jax.observe import dashboards
 from tinyonn_jax.observe.progress import Progress
@@ -210,8 +210,7 @@ def _eval_metrics(family: Family, cfg: Config):
 
 def _vocab_field(cfg: Config) -> tuple[str, int]:
     """The config field holding the vocabulary size of the family's model, and its value."""
-    section = {"spl": "spl", "dynmoe": "moe"}.get(cfg.model.family, "model")
-    return f"{section}.vocab_size", getattr(cfg, section).vocab_size
+    return "model.vocab_size", cfg.model.vocab_size
 
 
 def check_config(cfg: Config, mesh) -> None:
@@ -247,7 +246,8 @@ def _restore_newest_readable(ckpt: Checkpointer, template, workdir: Path, cfg: C
     for step in reversed(ckpt.all_steps()):
         try:
             saved = ckpt.restore_config(step)
-            if saved.get("model") != cfg.to_dict()["model"]:
+            if (saved.get("family", "dyntrm"), saved.get("model")) != (cfg.family,
+                                                                       cfg.to_dict()["model"]):
                 raise UserError(f"--resume: checkpoint step {step} was trained with a different "
                                 f"model config; refusing to continue it with this one "
                                 f"({_changed_keys(saved, cfg.to_dict())[:5]})")

@@ -137,7 +137,7 @@ def check_batch(batch: Mapping[str, Any], vocab_size: int) -> None:
 @functools.lru_cache(maxsize=64)
 def _expected_params(cfg) -> tuple[Any, tuple[tuple[int, ...], ...], dict[str, tuple[int, ...]]]:
     """(treedef, leaf shapes, {path: shape}) of ``transformer.init_params(key, cfg)``."""
-    from tinyonn_jax.model import transformer  # lazy: transformer imports this module
+    from tinyonn_jax.families.dyntrm import transformer  # lazy: transformer imports this module
 
     shapes = jax.eval_shape(lambda: transformer.init_params(jax.random.key(0), cfg))
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)

@@ -37,7 +37,6 @@ from rich.table import Table
 
 from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import optim, validate
-from tinyonn_jax import step as train_step
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.tasks import load_tasks
@@ -49,7 +48,8 @@ from tinyonn_jax.eval.evaluate import (
     prompt_limit,
 )
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
-from tinyonn_jax.model import transformer
+from tinyonn_jax.families.dyntrm import step as train_step
+from tinyonn_jax.families.dyntrm import transformer
 from tinyonn_jax.runtime import configure_xla_cpu
 from tinyonn_jax.workdir import write_atomic
 
@@ -121,10 +121,9 @@ def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
         except (TypeError, ValueError) as e:
             raise UserError(f"bad config stored in the checkpoint: {_one_line(e)} "
                             f"({where})") from e
-        family = getattr(cfg.model, "family", "dyntrm")
-        if family != "dyntrm":
-            raise UserError(f"generation supports the dyntrm family, {where} is a {family!r} "
-                            "model (model.family)")
+        if cfg.family != "dyntrm":
+            raise UserError(f"generation supports the dyntrm family, {where} is a "
+                            f"{cfg.family!r} model (config family)")
         key = jax.random.key(cfg.train.seed)
         shapes = jax.eval_shape(lambda k: transformer.init_params(k, cfg.model), key)
         optimizer = optim.build_optimizer(cfg, shapes)

@@ -32,9 +32,10 @@ import numpy as np
 from tinyonn_jax import validate
 from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
-from tinyonn_jax.model import attention, dense, moe
-from tinyonn_jax.model import transformer as tr
-from tinyonn_jax.model.norm import layer_norm
+from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha
+from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.nn import attention
+from tinyonn_jax.nn.norm import layer_norm
 
 # The original's budget formula (pixels + rows + 2) at the largest grid, 30x30; it covers the
 # largest legal answer (``tokenizer.max_answer_tokens()`` = 930) with room for a trailing eos.
@@ -98,8 +99,8 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
         q, k, v = dense.mha_qkv(block["attn"], xn, cfg)
     else:
         u = attention.split_heads(xn, cfg.num_heads)
-        routes = attention.route_attention(block["attn"], u, cfg)
-        qkv = attention.compose_qkv(block["attn"], u, {c: r.z for c, r in routes.items()}, None,
+        routes = dynsiha.route_attention(block["attn"], u, cfg)
+        qkv = dynsiha.compose_qkv(block["attn"], u, {c: r.z for c, r in routes.items()}, None,
                                     cfg.attn_dispatch, cfg.attn_capacity)
         q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if cfg.rope == "rope1d":
@@ -113,8 +114,8 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
         if cfg.ffn_kind == "swiglu":
             x = x + dense.swiglu(block["ffn"], uf).astype(dt)
         else:
-            rf = moe.route_moe(block["ffn"], uf, cfg)
-            x = x + moe.moe_core(block["ffn"], uf, rf.z, None, cfg.ffn_dispatch,
+            rf = dynmoe.route_moe(block["ffn"], uf, cfg)
+            x = x + dynmoe.moe_core(block["ffn"], uf, rf.z, None, cfg.ffn_dispatch,
                                  cfg.capacity_frac).astype(dt)
     return x, extra
 

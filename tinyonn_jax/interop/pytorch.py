@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyonn_jax.config import Config, ModelConfig, OptimizerConfig, SarsConfig
-from tinyonn_jax.model import recursion
-from tinyonn_jax.model import transformer as tr
+from tinyonn_jax.families.dyntrm import recursion
+from tinyonn_jax.families.dyntrm import transformer as tr
 
 EMBED = "embedding.color_embedding.weight"
 LN_WEIGHT, LN_BIAS = "block.ln1.weight", "block.ln1.bias"
@@ -230,7 +230,7 @@ def import_state_dict(sd: Mapping[str, Any] | str | os.PathLike, *, num_heads: i
 def _config_problems(m: ModelConfig) -> list[str]:
     """Why the original model could not represent ``m`` (empty list if it can)."""
     checks = [
-        (m.family == "dyntrm", f"model.family={m.family!r} (the original is 'dyntrm')"),
+        (isinstance(m, ModelConfig), f"a {type(m).__name__} model (the original is DynTRM)"),
         # getattr: older configs predate the dense baselines and are DynSIHA+ by construction.
         (getattr(m, "attn_kind", "dynsiha") == "dynsiha",
          f"model.attn_kind={getattr(m, 'attn_kind', None)!r} (the original uses DynSIHA+)"),

@@ -7,7 +7,7 @@ learned logit scale ``c = exp(min(gate_log_scale, log 100))`` (upstream GAMoEGat
     scores = s - sigmoid(c * gates_e)                      > 0  <=>  cos > gates (c > 0)
     active = scores > 0;   K = sum_e active                 top-any: K varies per token
 
-Routing weights follow the contract of ``tinyonn_jax.model.routing.Route``: ``z >= 0``,
+Routing weights follow the contract of ``tinyonn_jax.nn.routing.Route``: ``z >= 0``,
 ``z == 0`` exactly where an expert is not routed, and ``k`` counts routed experts.
   * ``uniform``: ``z = a / K`` with ``a`` the 0/1 activation and a straight-through gradient
     into ``relu(scores)`` (upstream ``sign(relu(.))`` with identity backward).
@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.model.routing import Route
+from tinyonn_jax.nn.routing import Route
 
 FALLBACKS = ("always", "eval", "never")  # when K=0 tokens go to their best expert
 WEIGHT_MODES = ("uniform", "normalized")

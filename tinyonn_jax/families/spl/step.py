@@ -19,10 +19,11 @@ import optax
 
 from tinyonn_jax import loss as task_loss
 from tinyonn_jax.config import OptimizerConfig
-from tinyonn_jax.model.spl import SplConfig, init_spl_params, spl_forward, spl_param_labels
+from tinyonn_jax.families.spl import msaps as ms
+from tinyonn_jax.families.spl.config import SplConfig
+from tinyonn_jax.families.spl.model import init_spl_params, spl_forward, spl_param_labels
+from tinyonn_jax.nn.variables import MAIN, META
 from tinyonn_jax.optim import build_chain, guarded_update, learning_rates
-from tinyonn_jax.params import MAIN, META
-from tinyonn_jax.sars import msaps as ms
 
 Batch = dict  # inputs, targets, weights, segment_ids, positions: all (B, T)
 

@@ -24,9 +24,9 @@ from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import loss as task_loss
 from tinyonn_jax import optim
 from tinyonn_jax.config import Config
-from tinyonn_jax.model import transformer as tr
-from tinyonn_jax.params import META, param_labels
-from tinyonn_jax.sars import engine
+from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.sars import engine
+from tinyonn_jax.nn.variables import META, param_labels
 
 Batch = dict  # inputs, targets, weights, segment_ids, positions: all (B, T)
 

@@ -23,102 +23,17 @@ block (a layer or a step); per-site statistics are stacked on a leading axis L_e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyonn_jax.config import _check, _choice, _non_negative, _positive_int, check_field_types
-from tinyonn_jax.model.attention import attention_mask, dot_product_attention, rope
-from tinyonn_jax.model.norm import init_layer_norm, layer_norm
-from tinyonn_jax.model.recursion import Context, make_context
-from tinyonn_jax.params import META, param_labels
+from tinyonn_jax.families.spl.config import SplConfig
+from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
+from tinyonn_jax.nn.context import Context, make_context
+from tinyonn_jax.nn.norm import init_layer_norm, layer_norm
+from tinyonn_jax.nn.variables import META, param_labels
 
-ACTIVATIONS = ("linear", "silu")
-MASK_MODES = ("hard", "ste")
-RECURSIONS = ("stacked", "dyntrm")
-ROUTING_FORMS = ("cos_minus_gate",)
-SPL_ROPE_MODES = ("none", "rope1d")
-ATTN_KINDS = ("q", "k", "v", "o")
-FFN_KINDS = ("ffn1", "ffn2")
 _PRC_PREFIX = "prc"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SplConfig:
-    """The SPL model family (seed 001) and its M-SAPS meta-learning."""
-
-    vocab_size: int = 18
-    hidden: int = 256
-    num_layers: int = 8  # distinct layers when recursion == "stacked"
-    recursion: str = "stacked"
-    steps: int = 8  # refinement steps of the shared block when recursion == "dyntrm"
-    use_moie: bool = True
-    moie_mult: int = 2  # MoIE: hidden -> moie_mult*hidden -> hidden
-    mask_mode: str = "ste"
-    activation: str = "linear"  # seed 001: out = (x mu^T + b) * mask; "silu" is the final form
-    routing_form: str = "cos_minus_gate"
-    rope: str = "rope1d"
-    rope_base: float = 10000.0
-    init_std: float = 0.02  # embedding and prototypes; mu uses fan-in scaling, gates start at 0
-    ln_eps: float = 1e-5
-    final_norm: bool = True
-    prc: bool = True
-    # M-SAPS (tinyonn_jax.sars.msaps)
-    isolate: bool = True  # main loss -> main params only (routing params get only meta losses)
-    w_proto: float = 1.0
-    w_gate: float = 1.0
-    l2_coef: float = 1e-4  # lambda = l2_coef * mean Frobenius norm of the mu and proto matrices
-    ema_decay: float = 0.98  # EMA of token accuracy that sets the protection temperature
-    min_temperature: float = 0.01
-
-    def __post_init__(self) -> None:
-        s = "spl"
-        check_field_types(s, self)
-        _positive_int(s, self, "vocab_size", "hidden", "num_layers", "steps", "moie_mult")
-        _choice(s, self, "recursion", RECURSIONS)
-        _choice(s, self, "mask_mode", MASK_MODES)
-        _choice(s, self, "activation", ACTIVATIONS)
-        _choice(s, self, "routing_form", ROUTING_FORMS)
-        _choice(s, self, "rope", SPL_ROPE_MODES)
-        if self.rope == "rope1d":
-            _check(self.hidden % 2 == 0, s, "rope", self.rope,
-                   f"1D RoPE over the single head needs an even hidden, got {self.hidden}")
-        _check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
-        _check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
-        _check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
-        _non_negative(s, self, "w_proto", "w_gate", "l2_coef")
-        _check(0.0 <= self.ema_decay < 1.0, s, "ema_decay", self.ema_decay, "must be in [0, 1)")
-        _check(0.0 < self.min_temperature <= 1.0, s, "min_temperature", self.min_temperature,
-               "must be in (0, 1]")
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        """SPL module kinds of one block, in forward order."""
-        return ATTN_KINDS + (FFN_KINDS if self.use_moie else ())
-
-    def dims(self, kind: str) -> tuple[int, int]:
-        """(d_in, d_out) of an SPL module kind."""
-        d, f = self.hidden, self.moie_mult * self.hidden
-        return {"ffn1": (d, f), "ffn2": (f, d)}.get(kind, (d, d))
-
-    @property
-    def num_sites(self) -> int:
-        """L_eff: block applications per forward (layers, or refinement steps)."""
-        return self.num_layers if self.recursion == "stacked" else self.steps
-
-    @property
-    def num_param_layers(self) -> int:
-        """L_p: leading axis of the block parameters (1 when the block is shared)."""
-        return self.num_layers if self.recursion == "stacked" else 1
-
-    @property
-    def num_prc(self) -> int:
-        """Leading axis of the PRC transforms: one per layer after the first, or one shared."""
-        if not self.prc or self.num_sites == 1:
-            return 0
-        return self.num_sites - 1 if self.recursion == "stacked" else 1
 
 
 # ----------------------------------------------------------------------------- SPL layer

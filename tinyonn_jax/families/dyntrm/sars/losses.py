@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import routing
-from tinyonn_jax.sars.surprise import SiteStats, goodness
+from tinyonn_jax.families.dyntrm.sars.surprise import SiteStats, goodness
+from tinyonn_jax.nn import routing
 
 
 def entropy(logits: jax.Array) -> jax.Array:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.model import gamoe
-from tinyonn_jax.model.smha import SITES, MoeConfig, per_group, per_pass
+from tinyonn_jax.families.dynonn.config import DynOnnConfig
+from tinyonn_jax.families.dynonn.model import SITES, per_group, per_pass
+from tinyonn_jax.nn import gamoe
 
 _GATE_LEAVES = ("proto_sim", "gates", "gate_log_scale")
 
@@ -120,7 +121,7 @@ def routed_mean(s: jax.Array, mask: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def expert_surprise(s: jax.Array, mask: jax.Array, valid: jax.Array,
-                    cfg: MoeConfig) -> tuple[jax.Array, jax.Array]:
+                    cfg: DynOnnConfig) -> tuple[jax.Array, jax.Array]:
     """Per group and expert: mean S over routed valid tokens (G,E) and routed counts (G,E).
 
     s, mask (P,B,T,E); valid (B,T).
@@ -162,7 +163,7 @@ def _site_terms(gp: dict, u: jax.Array, mask: jax.Array, homeless: jax.Array, li
 
 
 def gating_objective(params: dict, aux: dict, surprise: dict, valid: jax.Array, live: dict,
-                     lam: jax.Array, cfg: MoeConfig) -> tuple[jax.Array, dict]:
+                     lam: jax.Array, cfg: DynOnnConfig) -> tuple[jax.Array, dict]:
     """The gate loss of every site and pass, recomputed from the stored (constant) gate inputs,
     so its gradient reaches only the gate parameters. valid (B,T); surprise {site: (P,B,T,E)}.
     Returns (loss, parts) with parts loss_balance, loss_smk, sdl, sparsity, gating_acc."""

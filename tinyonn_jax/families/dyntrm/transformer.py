@@ -15,8 +15,9 @@ import numpy as np
 
 from tinyonn_jax import validate
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import attention, experts, recursion
-from tinyonn_jax.model.norm import init_layer_norm, layer_norm
+from tinyonn_jax.families.dyntrm import dynsiha, recursion
+from tinyonn_jax.nn import context, experts
+from tinyonn_jax.nn.norm import init_layer_norm, layer_norm
 
 Params = dict
 
@@ -58,7 +59,7 @@ def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[i
     ``recursion.FFN_STATS`` (S,B,T,E,3) joins them: its cotangent is the FFN's SARS statistics,
     computed by the experts' own backward pass (``experts.apply_with_stats``). Likewise
     ``recursion.ATTN_STATS`` (S,B,T,H,P,3,3) for q, k, v of the latent-head library when
-    ``attention.library_stats_in_backward``.
+    ``dynsiha.library_stats_in_backward``.
     """
     s, h, dh = cfg.max_refinement_steps, cfg.num_heads, cfg.head_dim
     shapes = {site: (s, batch, length, cfg.hidden) if site == "ffn" else (s, batch, length, h, dh)
@@ -66,9 +67,9 @@ def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[i
     if "ffn" in shapes and experts.stats_sink_dispatch(cfg.ffn_dispatch):
         shapes[recursion.FFN_STATS] = (s, batch, length, cfg.num_ffn_experts,
                                        len(experts.STAT_CHANNELS))
-    if "q" in shapes and attention.library_stats_in_backward(cfg):
+    if "q" in shapes and dynsiha.library_stats_in_backward(cfg):
         shapes[recursion.ATTN_STATS] = (s, batch, length, h, cfg.num_attn_experts,
-                                        len(attention.QKV), len(experts.STAT_CHANNELS))
+                                        len(dynsiha.QKV), len(experts.STAT_CHANNELS))
     return shapes
 
 
@@ -95,7 +96,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     ``[0, cfg.vocab_size)`` when ``tokens`` is concrete).
     """
     validate.check_forward_inputs(params, tokens, cfg, positions, segment_ids)
-    ctx = recursion.make_context(tokens, positions, segment_ids)
+    ctx = context.make_context(tokens, positions, segment_ids)
     x = embed(params, tokens, cfg)
     _, aux = recursion.refine(params, x, ctx, cfg, probes, make_readout(cfg))
     aux["context"] = ctx
@@ -110,7 +111,7 @@ def forward_adaptive(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     Inputs are checked as in ``forward``.
     """
     validate.check_forward_inputs(params, tokens, cfg, positions, segment_ids)
-    ctx = recursion.make_context(tokens, positions, segment_ids)
+    ctx = context.make_context(tokens, positions, segment_ids)
     thr = cfg.halt_threshold if threshold is None else threshold
     readout = make_readout(cfg)
     x, steps = recursion.refine_adaptive(params, embed(params, tokens, cfg), ctx, cfg, readout,

@@ -12,45 +12,23 @@ the ``while_loop`` ends when every row has halted.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import attention, dense, experts, moe
-from tinyonn_jax.model.norm import init_layer_norm, layer_norm
-
-
-class Context(NamedTuple):
-    """Per-token layout of a batch, constant across refinement steps. All (B, T)."""
-
-    positions: jax.Array  # position inside the token's own packed sequence (RoPE)
-    segment_ids: jax.Array  # 0 = padding, 1.. = packed sequence id (attention stays inside it)
-
-    @property
-    def valid(self) -> jax.Array:
-        return (self.segment_ids > 0).astype(jnp.float32)
-
-
-def make_context(tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> Context:
-    """Default layout: one sequence per row, every slot valid."""
-    b, t = tokens.shape
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
-    return Context(positions=positions, segment_ids=segment_ids)
+from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha
+from tinyonn_jax.nn import attention, experts
+from tinyonn_jax.nn.context import Context
+from tinyonn_jax.nn.norm import init_layer_norm, layer_norm
 
 
 def init_block(key: jax.Array, cfg: ModelConfig) -> dict:
     k_attn, k_ffn = jax.random.split(key)
-    init_attn = dense.init_mha if cfg.attn_kind == "mha" else attention.init_attention
+    init_attn = dense.init_mha if cfg.attn_kind == "mha" else dynsiha.init_attention
     params = {"ln1": init_layer_norm(cfg.hidden), "attn": init_attn(k_attn, cfg)}
     if cfg.use_ffn:
         params["ln2"] = init_layer_norm(cfg.hidden)
-        params["ffn"] = (dense.init_swiglu if cfg.ffn_kind == "swiglu" else moe.init_moe)(k_ffn,
+        params["ffn"] = (dense.init_swiglu if cfg.ffn_kind == "swiglu" else dynmoe.init_moe)(k_ffn,
                                                                                          cfg)
     return params
 
@@ -104,10 +82,10 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
         x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg)
     else:
         u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
-        routes = attention.route_attention(block["attn"], u, cfg)
+        routes = dynsiha.route_attention(block["attn"], u, cfg)
         z = {c: r.z for c, r in routes.items()}
-        attn_probes = None if probes is None else {c: probes[c] for c in attention.QKV}
-        x = x + attention.attention_core(block["attn"], u, z, attn_probes, ctx.positions,
+        attn_probes = None if probes is None else {c: probes[c] for c in dynsiha.QKV}
+        x = x + dynsiha.attention_core(block["attn"], u, z, attn_probes, ctx.positions,
                                          ctx.segment_ids, cfg,
                                          None if probes is None else probes.get(ATTN_STATS)
                                          ).astype(dt)
@@ -123,8 +101,8 @@ def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
         x = dense.swiglu_sublayer(block, x, cfg)
     elif cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
-        rf = moe.route_moe(block["ffn"], uf, cfg)
-        x = x + moe.moe_core(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"],
+        rf = dynmoe.route_moe(block["ffn"], uf, cfg)
+        x = x + dynmoe.moe_core(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"],
                              cfg.ffn_dispatch, cfg.capacity_frac,
                              None if probes is None else probes.get(FFN_STATS)).astype(dt)
         res.update(u_ffn=uf, z_ffn=rf.z, mask_ffn=rf.mask, k_ffn=rf.k)

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import experts
-from tinyonn_jax.model.routing import Route, route
+from tinyonn_jax.nn import experts
+from tinyonn_jax.nn.routing import Route, route
 
 
 def init_moe(key: jax.Array, cfg: ModelConfig) -> dict:

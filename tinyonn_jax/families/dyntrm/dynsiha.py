@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import experts
-from tinyonn_jax.model.routing import Route, route
+from tinyonn_jax.nn import experts
+from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
+from tinyonn_jax.nn.routing import Route, route
 
 QKV = ("q", "k", "v")
 
@@ -31,47 +32,12 @@ def init_attention(key: jax.Array, cfg: ModelConfig) -> dict:
     return params
 
 
-def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
-    """(B, T, D) -> (B, T, H, D/H)."""
-    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
-
-
 def route_attention(params: dict, u: jax.Array, cfg: ModelConfig) -> dict[str, Route]:
     """Route u (B,T,H,Dh) for q, k and v -> {c: Route with z (B,T,H,P)}."""
     return {
         c: route(u, params[f"proto_{c}"], params[f"gate_{c}"], cfg.attn_routing, cfg.attn_top_k)
         for c in QKV
     }
-
-
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary position encoding over the last axis: x (B,T,H,Dh), positions (B,T)."""
-    half = x.shape[-1] // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions[..., None, None].astype(jnp.float32) * freqs  # (B,T,1,half)
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
-                   k_seg: jax.Array) -> jax.Array:
-    """Causal, segment-local mask (B, Tq, Tk) from absolute slot indices and segment ids."""
-    causal = k_pos[:, None, :] <= q_pos[:, :, None]
-    return causal & (q_seg[:, :, None] == k_seg[:, None, :])
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array) -> jax.Array:
-    """Softmax attention in float32: q (B,Tq,H,Dh), k/v (B,Tk,H,Dh), mask (B,Tq,Tk) -> (B,Tq,H,Dh).
-
-    Every query must be allowed at least one key (itself), so no row is all -inf.
-    """
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def library_stats_in_backward(cfg: ModelConfig) -> bool:

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import routing
-from tinyonn_jax.model.recursion import ATTN_STATS, FFN_STATS
-from tinyonn_jax.sars import losses, surprise
+from tinyonn_jax.families.dyntrm.recursion import ATTN_STATS, FFN_STATS
+from tinyonn_jax.families.dyntrm.sars import losses, surprise
+from tinyonn_jax.nn import routing
 
 
 class SarsResult(NamedTuple):

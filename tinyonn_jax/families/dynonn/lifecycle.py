@@ -26,15 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyonn_jax.model import gamoe
-from tinyonn_jax.model.smha import (
-    EXPERT_AXIS,
-    SITES,
-    MoeConfig,
-    init_layers,
-    init_live,
-    per_group,
-)
+from tinyonn_jax.families.dynonn.config import DynOnnConfig
+from tinyonn_jax.families.dynonn.model import EXPERT_AXIS, SITES, init_layers, init_live, per_group
+from tinyonn_jax.nn import gamoe
 
 EVENT_KINDS = ("remove", "add", "regenerate")
 
@@ -64,7 +58,7 @@ def site_name(site: str, group: int) -> str:
     return f"{site}_{group}"
 
 
-def init_pool(cfg: MoeConfig, key: jax.Array) -> PoolState:
+def init_pool(cfg: DynOnnConfig, key: jax.Array) -> PoolState:
     """Initial pool: the first ``init_experts`` slots live, empty records."""
     g, e, w, d = cfg.groups, cfg.max_experts, cfg.lifecycle_window, cfg.hidden
     return PoolState(
@@ -75,7 +69,7 @@ def init_pool(cfg: MoeConfig, key: jax.Array) -> PoolState:
         cursor=jnp.int32(0), key=key)
 
 
-def step_records(aux: dict, valid: jax.Array, cfg: MoeConfig) -> dict:
+def step_records(aux: dict, valid: jax.Array, cfg: DynOnnConfig) -> dict:
     """Per site: routed counts (G,E), homeless input sum (G,D) and count (G,) of one step.
 
     aux from ``smha.moe_forward``; valid (B,T) in {0, 1}.
@@ -113,7 +107,7 @@ def num_live(pool: PoolState) -> jax.Array:
     return sum(jnp.sum(m, dtype=jnp.int32) for m in pool.live.values())
 
 
-def plan(pool: PoolState, cfg: MoeConfig) -> dict:
+def plan(pool: PoolState, cfg: DynOnnConfig) -> dict:
     """Which experts to remove, regenerate and add: {kind: {site: (G, E) bool}}."""
     out = {k: {} for k in EVENT_KINDS}
     rec = records(pool)
@@ -160,7 +154,7 @@ def map_expert_slices(tree, masks: dict, fn: Callable, names=tuple(EXPERT_AXIS))
     return jax.tree_util.tree_map_with_path(f, tree)
 
 
-def lifecycle_update(params: dict, opt_state, pool: PoolState, cfg: MoeConfig):
+def lifecycle_update(params: dict, opt_state, pool: PoolState, cfg: DynOnnConfig):
     """One maintenance: returns (params, opt_state, pool, plan). Pure and jittable."""
     p = plan(pool, cfg)
     key, k_init = jax.random.split(pool.key)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import attention
-from tinyonn_jax.model.norm import layer_norm
+from tinyonn_jax.nn import attention
+from tinyonn_jax.nn.norm import layer_norm
 
 
 def _linear(key: jax.Array, d_in: int, d_out: int) -> jax.Array:
@@ -93,7 +93,9 @@ def routed_sites(cfg: ModelConfig) -> tuple[str, ...]:
 
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of ``transformer.init_params(cfg)``, from shapes only (nothing allocated)."""
-    from tinyonn_jax.model import transformer  # transformer -> recursion -> dense at import
+    from tinyonn_jax.families.dyntrm import (
+        transformer,  # transformer -> recursion -> dense at import
+    )
 
     shapes = jax.eval_shape(lambda k: transformer.init_params(k, cfg), jax.random.key(0))
     return transformer.count_params(shapes)

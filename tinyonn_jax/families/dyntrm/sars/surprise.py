@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.model import experts
-from tinyonn_jax.model.recursion import ATTN_STATS, FFN_STATS
-from tinyonn_jax.model.routing import mas
+from tinyonn_jax.families.dyntrm.recursion import ATTN_STATS, FFN_STATS
+from tinyonn_jax.nn import experts
+from tinyonn_jax.nn.routing import mas
 
 
 class SiteStats(NamedTuple):

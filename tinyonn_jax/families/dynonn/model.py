@@ -1,6 +1,6 @@
 """DynSMHA and DynMoE with per-token mixed weights (seed 002, reference.md section 6): DynONN.
 
-Each layer has two GAMoE gates (``tinyonn_jax.model.gamoe``): one over attention experts, one
+Each layer has two GAMoE gates (``tinyonn_jax.nn.gamoe``): one over attention experts, one
 over FFN experts, both over a fixed pool of ``max_experts`` slots of which the live ones are
 given by a mask. For token t with routing weights w_t (E,):
 
@@ -20,115 +20,26 @@ recomputation in bfloat16 can never flip a ``> 0`` decision.
 
 Zero probes (``zero_probes``) are added to the routing weights (``w_*``) and to the sub-layer
 outputs (``out_*``); their cotangents give dL/dw_te and dL/d(output) for every pass in the same
-backward pass as the main gradient (``tinyonn_jax.sars.gating``).
+backward pass as the main gradient (``tinyonn_jax.families.dynonn.gating``).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyonn_jax.config import (
-    DTYPES,
-    ROPE_MODES,
-    _check,
-    _choice,
-    _non_negative,
-    _positive_int,
-    check_field_types,
-)
-from tinyonn_jax.model import gamoe
-from tinyonn_jax.model.attention import attention_mask, dot_product_attention, rope
-from tinyonn_jax.model.norm import init_layer_norm, layer_norm
+from tinyonn_jax.families.dynonn.config import DynOnnConfig
+from tinyonn_jax.nn import gamoe
+from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
+from tinyonn_jax.nn.norm import init_layer_norm, layer_norm
 
 SITES = ("attn", "ffn")
-STRUCTURES = ("stack", "recursion")
-SURPRISE_MODES = ("weight_grad", "output_grad")
 # Axis of the expert slot in every per-expert leaf of params['layers'][site] (axis 0 is G).
 EXPERT_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 1, "w1": 1, "w2": 1, "proto_sim": 2, "gates": 1}
 EXPERT_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")  # trained by the main loss
-
-
-@dataclass(frozen=True, kw_only=True)
-class MoeConfig:
-    """DynONN (DynSMHA + DynMoE with GAMoE gates) and its 1f2b1o training (seed 003)."""
-
-    vocab_size: int = 18
-    hidden: int = 256
-    num_heads: int = 1
-    head_dim: int = 32
-    ffn_hidden: int = 32  # hidden width of one FFN expert
-    num_layers: int = 3  # stacked layers, or passes of the one shared layer (recursion)
-    structure: str = "stack"
-    max_experts: int = 32  # fixed pool size per gate
-    init_experts: int = 32  # live experts at initialisation (the first slots)
-    fallback: str = "always"  # K=0 tokens -> best expert: always | eval (upstream) | never
-    weight_mode: str = "uniform"  # uniform (a/K, upstream) | normalized (relu scores / sum)
-    gate_init_t: float = 0.1  # initial logit scale 1/t (upstream init_t)
-    rope: str = "rope1d"
-    rope_base: float = 10000.0
-    ln_eps: float = 1e-5
-    init_std: float = 0.02  # embedding
-    surprise: str = "weight_grad"  # |dL/dw_te| | output_grad (reference: ||dL/dout_t|| w_te)
-    pi_alpha: float = 1.0  # PI = exp(-alpha ((1 - gamma) L / tau + gamma S))
-    pi_gamma: float = 0.5
-    pi_threshold: float = 0.75  # lambda(PI) = 1 - sigmoid(sensitivity (PI - threshold))
-    pi_sensitivity: float = 10.0
-    w_sdl: float = 0.01  # prototype diversity + simplicity (upstream SDL)
-    w_sparsity: float = 0.0  # mean activation (upstream adds it to l_aux)
-    lifecycle_period: int = 1000  # steps between pool maintenances; 0 = never
-    lifecycle_window: int = 1000  # steps of routing history that decide "dead"
-    regenerate: bool = False  # dead experts: re-initialise (True) or remove (False)
-    fuse: bool = False  # zero the main gradient of experts with surprise > mean + k sigma
-    fuse_sigma: float = 2.0
-    compute_dtype: str = "float32"
-    remat: bool = False
-
-    def __post_init__(self) -> None:
-        s = "moe"
-        check_field_types(s, self)
-        _positive_int(s, self, "vocab_size", "hidden", "num_heads", "head_dim", "ffn_hidden",
-                      "num_layers", "max_experts", "init_experts", "lifecycle_window")
-        _check(self.init_experts <= self.max_experts, s, "init_experts", self.init_experts,
-               f"must be <= max_experts={self.max_experts}")
-        _choice(s, self, "structure", STRUCTURES)
-        _choice(s, self, "fallback", gamoe.FALLBACKS)
-        _choice(s, self, "weight_mode", gamoe.WEIGHT_MODES)
-        _choice(s, self, "rope", ROPE_MODES)
-        if self.rope == "rope1d":
-            _check(self.head_dim % 2 == 0, s, "head_dim", self.head_dim,
-                   "must be even for 1D RoPE")
-        _check(0.0 < self.gate_init_t <= 100.0, s, "gate_init_t", self.gate_init_t,
-               "must be in (0, 100]")
-        _check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
-        _check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
-        _check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
-        _choice(s, self, "surprise", SURPRISE_MODES)
-        _non_negative(s, self, "pi_alpha", "pi_sensitivity", "w_sdl", "w_sparsity",
-                      "lifecycle_period", "fuse_sigma")
-        _check(0.0 <= self.pi_gamma <= 1.0, s, "pi_gamma", self.pi_gamma, "must be in [0, 1]")
-        _check(0.0 <= self.pi_threshold <= 1.0, s, "pi_threshold", self.pi_threshold,
-               "must be in [0, 1]")
-        _check(isinstance(self.lifecycle_period, int), s, "lifecycle_period",
-               self.lifecycle_period, "must be an integer")
-        _choice(s, self, "compute_dtype", DTYPES)
-
-    @property
-    def groups(self) -> int:
-        """G: distinct parameter sets per site (layers, or 1 for the recursion)."""
-        return self.num_layers if self.structure == "stack" else 1
-
-    @property
-    def attn_width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def dtype(self):
-        return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
 
 
 def _normal(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -143,7 +54,7 @@ def _orthogonal(key: jax.Array, n: int, dim: int, cols: int) -> jax.Array:
     return q if dim >= cols else jnp.swapaxes(q, -1, -2)
 
 
-def init_layer(key: jax.Array, cfg: MoeConfig) -> dict:
+def init_layer(key: jax.Array, cfg: DynOnnConfig) -> dict:
     """One layer: LayerNorms, the two gates and the expert banks (E on axis 0).
 
     All banks come from one normal draw and both prototype matrices from one batched QR,
@@ -166,12 +77,12 @@ def init_layer(key: jax.Array, cfg: MoeConfig) -> dict:
     return {"ln1": init_layer_norm(d), "attn": attn, "ln2": init_layer_norm(d), "ffn": ffn}
 
 
-def init_layers(key: jax.Array, cfg: MoeConfig) -> dict:
+def init_layers(key: jax.Array, cfg: DynOnnConfig) -> dict:
     """All G layers stacked on a leading axis (also used to re-initialise experts)."""
     return jax.vmap(lambda k: init_layer(k, cfg))(jax.random.split(key, cfg.groups))
 
 
-def init_params(key: jax.Array, cfg: MoeConfig) -> dict:
+def init_params(key: jax.Array, cfg: DynOnnConfig) -> dict:
     """Embedding, stacked layers, final LayerNorm and LM head; float32."""
     k_emb, k_layers, k_head = jax.random.split(key, 3)
     return {
@@ -182,13 +93,13 @@ def init_params(key: jax.Array, cfg: MoeConfig) -> dict:
     }
 
 
-def init_live(cfg: MoeConfig) -> dict[str, jax.Array]:
+def init_live(cfg: DynOnnConfig) -> dict[str, jax.Array]:
     """Live-expert masks {site: (G, E) bool}: the first ``init_experts`` slots."""
     row = jnp.arange(cfg.max_experts) < cfg.init_experts
     return {s: jnp.broadcast_to(row, (cfg.groups, cfg.max_experts)) for s in SITES}
 
 
-def zero_probes(cfg: MoeConfig, batch: int, length: int) -> dict[str, jax.Array]:
+def zero_probes(cfg: DynOnnConfig, batch: int, length: int) -> dict[str, jax.Array]:
     """Zero probes (P = num_layers passes): w_<site> (P,B,T,E), out_<site> (P,B,T,D)."""
     p, e, d = cfg.num_layers, cfg.max_experts, cfg.hidden
     out = {}
@@ -198,14 +109,14 @@ def zero_probes(cfg: MoeConfig, batch: int, length: int) -> dict[str, jax.Array]
     return out
 
 
-def per_pass(tree, cfg: MoeConfig):
+def per_pass(tree, cfg: DynOnnConfig):
     """A group-stacked (G, ...) tree as a pass-stacked (P, ...) one."""
     if cfg.structure == "stack":
         return tree
     return jax.tree.map(lambda a: jnp.broadcast_to(a[0], (cfg.num_layers, *a.shape[1:])), tree)
 
 
-def per_group(x: jax.Array, cfg: MoeConfig) -> jax.Array:
+def per_group(x: jax.Array, cfg: DynOnnConfig) -> jax.Array:
     """Sum a pass-stacked (P, ...) statistic onto its groups (G, ...)."""
     return x if cfg.structure == "stack" else jnp.sum(x, axis=0, keepdims=True)
 
@@ -218,7 +129,7 @@ def mix(x: jax.Array, w_bank: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def attn_core(p: dict, u: jax.Array, w: jax.Array, positions: jax.Array, amask: jax.Array,
-              cfg: MoeConfig) -> jax.Array:
+              cfg: DynOnnConfig) -> jax.Array:
     """DynSMHA after routing: u (B,T,D), w (B,T,E) -> (B,T,D)."""
     b, t, _ = u.shape
     heads = lambda a: a.reshape(b, t, cfg.num_heads, cfg.head_dim)  # noqa: E731
@@ -239,7 +150,7 @@ def _maybe_remat(fn, on: bool):
 
 
 def _sublayer(p: dict, ln: dict, x: jax.Array, live: jax.Array, probe_w, probe_out,
-              decision: gamoe.Decision | None, core, cfg: MoeConfig, fallback: bool):
+              decision: gamoe.Decision | None, core, cfg: DynOnnConfig, fallback: bool):
     u = layer_norm(ln, x, cfg.ln_eps)
     g = gamoe.gate(p, u, live, fallback=fallback, weight_mode=cfg.weight_mode,
                    decision=decision)  # outside the checkpoint: decided once
@@ -251,7 +162,7 @@ def _sublayer(p: dict, ln: dict, x: jax.Array, live: jax.Array, probe_w, probe_o
     return x + y.astype(x.dtype), res
 
 
-def moe_forward(params: dict, tokens: jax.Array, cfg: MoeConfig, *,
+def moe_forward(params: dict, tokens: jax.Array, cfg: DynOnnConfig, *,
                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                 probes: dict | None = None, live: dict | None = None,
                 decisions: dict | None = None, training: bool = True):

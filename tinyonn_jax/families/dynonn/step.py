@@ -12,7 +12,7 @@ optimizer update, plus periodic expert-pool maintenance.
 4. one partitioned optax update of the summed gradients (optionally with the main gradient of
    "bad" experts fused to zero). A non-finite loss or gradient skips the update and is counted.
 
-``maintain`` applies ``tinyonn_jax.sars.lifecycle`` every ``lifecycle_period`` steps.
+``maintain`` applies ``tinyonn_jax.families.dynonn.lifecycle`` every ``lifecycle_period`` steps.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import optax
 
 from tinyonn_jax import loss as task_loss
 from tinyonn_jax.config import OptimizerConfig
-from tinyonn_jax.model import smha
-from tinyonn_jax.model.smha import EXPERT_WEIGHTS, SITES, MoeConfig
+from tinyonn_jax.families.dynonn import gating, lifecycle
+from tinyonn_jax.families.dynonn import model as dynonn
+from tinyonn_jax.families.dynonn.config import DynOnnConfig
+from tinyonn_jax.families.dynonn.model import EXPERT_WEIGHTS, SITES
+from tinyonn_jax.nn.variables import MAIN, META, param_labels, select
 from tinyonn_jax.optim import build_chain, guarded_update, learning_rates
-from tinyonn_jax.params import MAIN, META, param_labels, select
-from tinyonn_jax.sars import gating, lifecycle
 
 Batch = dict  # inputs, targets, weights, segment_ids, positions: all (B, T)
 
@@ -51,11 +52,11 @@ def build_moe_optimizer(params: dict, main: OptimizerConfig,
                            param_labels(params))
 
 
-def init_moe_state(cfg: MoeConfig, optimizer: optax.GradientTransformation,
+def init_moe_state(cfg: DynOnnConfig, optimizer: optax.GradientTransformation,
                    key: jax.Array) -> MoeTrainState:
     """Fresh parameters, optimizer state and expert pool."""
     k_params, k_pool = jax.random.split(key)
-    params = smha.init_params(k_params, cfg)
+    params = dynonn.init_params(k_params, cfg)
     return MoeTrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
                          skipped=jnp.int32(0), pool=lifecycle.init_pool(cfg, k_pool))
 
@@ -71,7 +72,7 @@ def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def compute_moe_gradients(params: dict, live: dict, batch: Batch, cfg: MoeConfig):
+def compute_moe_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnConfig):
     """Main and gate gradients (params-shaped) and everything the metrics need.
 
     Returns (g_main, g_gate, out) with out: loss, gating_loss, parts, logits, aux, surprise
@@ -80,13 +81,13 @@ def compute_moe_gradients(params: dict, live: dict, batch: Batch, cfg: MoeConfig
     b, t = batch["inputs"].shape
 
     def objective(p, probes):
-        logits, aux = smha.moe_forward(_stop_meta(p), batch["inputs"], cfg,
+        logits, aux = dynonn.moe_forward(_stop_meta(p), batch["inputs"], cfg,
                                        positions=batch["positions"],
                                        segment_ids=batch["segment_ids"], probes=probes,
                                        live=live)
         return task_loss.cross_entropy(logits, batch["targets"], batch["weights"]), (logits, aux)
 
-    loss, vjp, (logits, aux) = jax.vjp(objective, params, smha.zero_probes(cfg, b, t),
+    loss, vjp, (logits, aux) = jax.vjp(objective, params, dynonn.zero_probes(cfg, b, t),
                                        has_aux=True)
     g_main, g_probes = vjp(jnp.ones_like(loss))
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
@@ -116,7 +117,7 @@ def compute_moe_gradients(params: dict, live: dict, batch: Batch, cfg: MoeConfig
     return select(g_main, labels, MAIN), g_gate, out
 
 
-def moe_metrics(cfg: MoeConfig, batch: Batch, out: dict, pool: lifecycle.PoolState) -> dict:
+def moe_metrics(cfg: DynOnnConfig, batch: Batch, out: dict, pool: lifecycle.PoolState) -> dict:
     """Flat metrics dict of scalars, plus for the expert dashboard ``experts/usage_<site>`` (E,)
     (routed share of tokens, mean over layers), ``experts/usage_by_layer/<site>`` and
     ``experts/live/<site>`` (G, E); ``expert_rows`` splits the latter per gate on the host."""
@@ -142,7 +143,7 @@ def moe_metrics(cfg: MoeConfig, batch: Batch, out: dict, pool: lifecycle.PoolSta
         m[f"route/avg_k/{s}"] = _masked_mean(r["k"].astype(jnp.float32), valid[None])
         m[f"route/homeless/{s}"] = _masked_mean(r["homeless"].astype(jnp.float32), valid[None])
         m[f"experts/num_experts/{s}"] = jnp.sum(pool.live[s], dtype=jnp.int32)
-        counts = smha.per_group(jnp.sum(r["mask"] * valid[None, ..., None], axis=(1, 2)), cfg)
+        counts = dynonn.per_group(jnp.sum(r["mask"] * valid[None, ..., None], axis=(1, 2)), cfg)
         usage = counts / jnp.maximum(jnp.sum(valid) * passes_per_group, 1.0)  # (G, E)
         m[f"experts/usage_{s}"] = jnp.mean(usage, axis=0)
         m[f"experts/usage_by_layer/{s}"] = usage
@@ -162,7 +163,7 @@ def expert_rows(metrics: dict) -> tuple[dict, dict]:
     return usage, live
 
 
-def moe_train_step(state: MoeTrainState, batch: Batch, *, cfg: MoeConfig,
+def moe_train_step(state: MoeTrainState, batch: Batch, *, cfg: DynOnnConfig,
                    optimizer: optax.GradientTransformation) -> tuple[MoeTrainState, dict]:
     """Pure 1f2b1o step. Routing records enter the pool only when the update is applied."""
     g_main, g_gate, out = compute_moe_gradients(state.params, state.pool.live, batch, cfg)
@@ -195,7 +196,7 @@ def _keep_pool(ok: jax.Array, new: lifecycle.PoolState,
     return kept._replace(key=old.key)
 
 
-def make_moe_train_step(cfg: MoeConfig, optimizer: optax.GradientTransformation, *,
+def make_moe_train_step(cfg: DynOnnConfig, optimizer: optax.GradientTransformation, *,
                         donate: bool = True):
     """``jax.jit`` of ``moe_train_step`` with the state donated."""
     fn = functools.partial(moe_train_step, cfg=cfg, optimizer=optimizer)
@@ -207,12 +208,12 @@ def _lifecycle_jit(params, opt_state, pool, cfg):
     return lifecycle.lifecycle_update(params, opt_state, pool, cfg)
 
 
-def maintenance_due(cfg: MoeConfig, step: int) -> bool:
+def maintenance_due(cfg: DynOnnConfig, step: int) -> bool:
     """Whether ``maintain`` acts at ``step`` (every ``lifecycle_period`` steps, never at 0)."""
     return cfg.lifecycle_period > 0 and step > 0 and step % cfg.lifecycle_period == 0
 
 
-def maintain(state: MoeTrainState, cfg: MoeConfig, step: int, *,
+def maintain(state: MoeTrainState, cfg: DynOnnConfig, step: int, *,
              force: bool = False) -> tuple[MoeTrainState, list[lifecycle.Event]]:
     """Host side: run the expert-pool maintenance when due (or ``force``); returns the new
     state (the old one is donated) and the events [(step, kind, expert_id, site)]."""
@@ -223,9 +224,9 @@ def maintain(state: MoeTrainState, cfg: MoeConfig, step: int, *,
     return state, lifecycle.events_from(p, step)
 
 
-def moe_logits(params: dict, pool: lifecycle.PoolState, tokens: jax.Array, cfg: MoeConfig, *,
+def moe_logits(params: dict, pool: lifecycle.PoolState, tokens: jax.Array, cfg: DynOnnConfig, *,
                positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Evaluation forward: live experts of the pool, evaluation-time fallback. -> (B,T,V)."""
-    return smha.moe_forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
+    return dynonn.moe_forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
                             live=pool.live, training=False)[0]

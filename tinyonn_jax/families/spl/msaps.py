@@ -29,8 +29,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.model.spl import SplConfig, activate, effective_prototypes, spl_param_labels
-from tinyonn_jax.params import MAIN, META, select
+from tinyonn_jax.families.spl.config import SplConfig
+from tinyonn_jax.families.spl.model import activate, effective_prototypes, spl_param_labels
+from tinyonn_jax.nn.variables import MAIN, META, select
 
 
 def row_norms(g: jax.Array) -> jax.Array:

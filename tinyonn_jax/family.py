@@ -7,7 +7,7 @@ maintenance hook (the DynMoE expert lifecycle).
 
   dyntrm  DynTRM with DynSIHA+ / DynMoE and SARS (sections model, sars)      step.py
   spl     SparseProtoLinear, MoIE, Dimension-DynSIHA with M-SAPS (section spl) spl_step.py
-  dynmoe  DynSMHA + GAMoE-gated DynMoE, 1f2b1o PI-adaptive gating (section moe) moe_step.py
+  dynmoe  DynSMHA + GAMoE-gated DynMoE, 1f2b1o PI-adaptive gating (section moe) dynonn_step.py
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ import jax
 import numpy as np
 import optax
 
-from tinyonn_jax import moe_step, optim, spl_step
-from tinyonn_jax import step as dyntrm_step
+from tinyonn_jax import optim
 from tinyonn_jax.config import Config
-from tinyonn_jax.model import smha, spl, transformer
+from tinyonn_jax.families.dynonn import model as dynonn
+from tinyonn_jax.families.dynonn import step as dynonn_step
+from tinyonn_jax.families.dyntrm import step as dyntrm_step
+from tinyonn_jax.families.dyntrm import transformer
+from tinyonn_jax.families.spl import model as spl
+from tinyonn_jax.families.spl import step as spl_step
 
 
 class Family(NamedTuple):
@@ -69,44 +73,41 @@ DYNTRM = Family(
 
 SPL = Family(
     name="spl",
-    init_params=lambda key, cfg: spl.init_spl_params(key, cfg.spl),
+    init_params=lambda key, cfg: spl.init_spl_params(key, cfg.model),
     build_optimizer=lambda cfg, params: spl_step.build_spl_optimizer(cfg.optim, cfg.meta_optim),
-    init_state=lambda cfg, opt, key: spl_step.init_spl_state(cfg.spl, key, opt),
+    init_state=lambda cfg, opt, key: spl_step.init_spl_state(cfg.model, key, opt),
     train_step=lambda state, batch, *, cfg, optimizer: spl_step.spl_train_step(
-        state, batch, cfg=cfg.spl, optimizer=optimizer),
+        state, batch, cfg=cfg.model, optimizer=optimizer),
     logits=lambda state, params, tokens, cfg, *, positions=None, segment_ids=None:
-        spl.spl_forward(params, tokens, cfg.spl, positions=positions, segment_ids=segment_ids,
+        spl.spl_forward(params, tokens, cfg.model, positions=positions, segment_ids=segment_ids,
                         with_stats=False)[0],
     expert_pools=lambda cfg: {},  # one expert = one output neuron: nothing to shard by pool
 )
 
 
 def _moe_maintain(state, cfg: Config, step: int):
-    state, events = moe_step.maintain(state, cfg.moe, step)
+    state, events = dynonn_step.maintain(state, cfg.model, step)
     return state, [(e.step, e.kind, e.expert_id, e.site) for e in events]
 
 
-DYNMOE = Family(
-    name="dynmoe",
-    init_params=lambda key, cfg: smha.init_params(key, cfg.moe),
-    build_optimizer=lambda cfg, params: moe_step.build_moe_optimizer(params, cfg.optim,
+DYNONN = Family(
+    name="dynonn",
+    init_params=lambda key, cfg: dynonn.init_params(key, cfg.model),
+    build_optimizer=lambda cfg, params: dynonn_step.build_moe_optimizer(params, cfg.optim,
                                                                      cfg.meta_optim),
-    init_state=lambda cfg, opt, key: moe_step.init_moe_state(cfg.moe, opt, key),
-    train_step=lambda state, batch, *, cfg, optimizer: moe_step.moe_train_step(
-        state, batch, cfg=cfg.moe, optimizer=optimizer),
+    init_state=lambda cfg, opt, key: dynonn_step.init_moe_state(cfg.model, opt, key),
+    train_step=lambda state, batch, *, cfg, optimizer: dynonn_step.moe_train_step(
+        state, batch, cfg=cfg.model, optimizer=optimizer),
     logits=lambda state, params, tokens, cfg, *, positions=None, segment_ids=None:
-        moe_step.moe_logits(params, state.pool, tokens, cfg.moe, positions=positions,
+        dynonn_step.moe_logits(params, state.pool, tokens, cfg.model, positions=positions,
                             segment_ids=segment_ids),
-    expert_pools=lambda cfg: {"experts": cfg.moe.max_experts},
+    expert_pools=lambda cfg: {"experts": cfg.model.max_experts},
     maintain=_moe_maintain,
-    expert_rows=moe_step.expert_rows,
+    expert_rows=dynonn_step.expert_rows,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (DYNTRM, SPL, DYNMOE)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (DYNTRM, SPL, DYNONN)}
 
 
 def get_family(cfg: Config) -> Family:
-    name = cfg.model.family
-    if name not in FAMILIES:
-        raise ValueError(f"config model.family={name!r}: must be one of {sorted(FAMILIES)}")
-    return FAMILIES[name]
+    return FAMILIES[cfg.family]

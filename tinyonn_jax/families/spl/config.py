@@ -1,0 +1,91 @@
+"""Config section of the SPL family (seed 001): ``SplConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tinyonn_jax.fields import check, check_field_types, choice, non_negative, positive_int
+
+ACTIVATIONS = ("linear", "silu")
+MASK_MODES = ("hard", "ste")
+RECURSIONS = ("stacked", "dyntrm")
+ROUTING_FORMS = ("cos_minus_gate",)
+SPL_ROPE_MODES = ("none", "rope1d")
+ATTN_KINDS = ("q", "k", "v", "o")
+FFN_KINDS = ("ffn1", "ffn2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplConfig:
+    """The SPL model family (seed 001) and its M-SAPS meta-learning."""
+
+    vocab_size: int = 18
+    hidden: int = 256
+    num_layers: int = 8  # distinct layers when recursion == "stacked"
+    recursion: str = "stacked"
+    steps: int = 8  # refinement steps of the shared block when recursion == "dyntrm"
+    use_moie: bool = True
+    moie_mult: int = 2  # MoIE: hidden -> moie_mult*hidden -> hidden
+    mask_mode: str = "ste"
+    activation: str = "linear"  # seed 001: out = (x mu^T + b) * mask; "silu" is the final form
+    routing_form: str = "cos_minus_gate"
+    rope: str = "rope1d"
+    rope_base: float = 10000.0
+    init_std: float = 0.02  # embedding and prototypes; mu uses fan-in scaling, gates start at 0
+    ln_eps: float = 1e-5
+    final_norm: bool = True
+    prc: bool = True
+    # M-SAPS (tinyonn_jax.families.spl.msaps)
+    isolate: bool = True  # main loss -> main params only (routing params get only meta losses)
+    w_proto: float = 1.0
+    w_gate: float = 1.0
+    l2_coef: float = 1e-4  # lambda = l2_coef * mean Frobenius norm of the mu and proto matrices
+    ema_decay: float = 0.98  # EMA of token accuracy that sets the protection temperature
+    min_temperature: float = 0.01
+
+    def __post_init__(self) -> None:
+        s = "model"
+        check_field_types(s, self)
+        positive_int(s, self, "vocab_size", "hidden", "num_layers", "steps", "moie_mult")
+        choice(s, self, "recursion", RECURSIONS)
+        choice(s, self, "mask_mode", MASK_MODES)
+        choice(s, self, "activation", ACTIVATIONS)
+        choice(s, self, "routing_form", ROUTING_FORMS)
+        choice(s, self, "rope", SPL_ROPE_MODES)
+        if self.rope == "rope1d":
+            check(self.hidden % 2 == 0, s, "rope", self.rope,
+                   f"1D RoPE over the single head needs an even hidden, got {self.hidden}")
+        check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
+        check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
+        check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
+        non_negative(s, self, "w_proto", "w_gate", "l2_coef")
+        check(0.0 <= self.ema_decay < 1.0, s, "ema_decay", self.ema_decay, "must be in [0, 1)")
+        check(0.0 < self.min_temperature <= 1.0, s, "min_temperature", self.min_temperature,
+               "must be in (0, 1]")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """SPL module kinds of one block, in forward order."""
+        return ATTN_KINDS + (FFN_KINDS if self.use_moie else ())
+
+    def dims(self, kind: str) -> tuple[int, int]:
+        """(d_in, d_out) of an SPL module kind."""
+        d, f = self.hidden, self.moie_mult * self.hidden
+        return {"ffn1": (d, f), "ffn2": (f, d)}.get(kind, (d, d))
+
+    @property
+    def num_sites(self) -> int:
+        """L_eff: block applications per forward (layers, or refinement steps)."""
+        return self.num_layers if self.recursion == "stacked" else self.steps
+
+    @property
+    def num_param_layers(self) -> int:
+        """L_p: leading axis of the block parameters (1 when the block is shared)."""
+        return self.num_layers if self.recursion == "stacked" else 1
+
+    @property
+    def num_prc(self) -> int:
+        """Leading axis of the PRC transforms: one per layer after the first, or one shared."""
+        if not self.prc or self.num_sites == 1:
+            return 0
+        return self.num_sites - 1 if self.recursion == "stacked" else 1
