@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 from tinyonn_jax.runtime import configure_xla_cpu  # noqa: E402
 
 configure_xla_cpu()  # before any benchmark starts a JAX backend
@@ -66,12 +66,10 @@ def random_batch(batch: int, length: int, seed: int = 1) -> dict:
 
 def compiled_step(cfg, batch: dict, donate: bool = False):
     """(jitted step, initial state, compiled executable, compile seconds) of the DynTRM family."""
-    from tinyonn_jax import optim
-    from tinyonn_jax.families.dyntrm import step as st
 
-    opt = optim.build_optimizer(cfg, st.tr.init_params(jax.random.key(0), cfg.model))
-    state = st.init_state(cfg, opt, jax.random.key(0))
-    fn = st.make_train_step(cfg, opt, donate=donate)
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
+    fn = DYNTRM.make_train_step(cfg, opt, donate=donate)
     t = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     return fn, state, compiled, time.perf_counter() - t

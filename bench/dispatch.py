@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from common import compiled_step, emit, random_batch, time_fn, time_interleaved
 
 from tinyonn_jax.config import Config, ModelConfig
+from tinyonn_jax.families.dyntrm import modules
 from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.families.dyntrm.sars import surprise
 from tinyonn_jax.nn import experts, routing
@@ -56,7 +57,7 @@ def with_rate(cfg: Config, params: dict, batch: dict, rate: float, sites) -> dic
         for site in sites:
             leaf = params["block"]["ffn"] if site == "ffn" else params["block"]["attn"]
             sfx = "" if site == "ffn" else f"_{site}"
-            u = aux["u_ffn"] if site == "ffn" else aux["u_attn"]
+            u = aux.steps.expert_input(site)
             scores = routing.prototype_scores(u, leaf[f"proto{sfx}"],
                                               jnp.zeros_like(leaf[f"gate{sfx}"]))
             gate = jnp.quantile(scores.reshape(-1, scores.shape[-1]), 1.0 - rate, axis=0)
@@ -67,7 +68,7 @@ def with_rate(cfg: Config, params: dict, batch: dict, rate: float, sites) -> dic
 def union_rate(cfg: Config, params: dict, batch: dict) -> float:
     """Share of (token, head, latent expert) pairs active for q, k or v."""
     _, aux = tr.forward(params, batch["inputs"], cfg.model)
-    return float(jnp.mean(experts.union_mask([aux[f"z_{c}"] > 0 for c in "qkv"])))
+    return float(jnp.mean(experts.union_mask([aux.steps.site(c).z > 0 for c in "qkv"])))
 
 
 def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
@@ -86,7 +87,7 @@ def ffn_layer(rate: float, tokens: int, reps: int) -> dict:
     for mode in ("dense", "sparse"):
         def step(b, x, m=DENSE if mode == "dense" else mode):  # L = sum(A^2): g = dL/dA = 2A
             if experts.stats_sink_dispatch(m):  # statistics from the backward (as in training)
-                sink = jnp.zeros((*z.shape, len(experts.STAT_CHANNELS)))
+                sink = jnp.zeros((*z.shape, experts.NUM_STAT_CHANNELS))
                 a, vjp = jax.vjp(lambda b, x, s: experts.apply_with_stats(b, x, z, s, m, frac),
                                  b, x, sink)
                 *grads, raw = vjp(2.0 * a)
@@ -120,7 +121,7 @@ def main() -> None:
         return
     batch = random_batch(1, a.seq_len)
     base = Config(model=ModelConfig(max_len=max(4096, a.seq_len)))
-    params0 = tr.init_params(jax.random.key(0), base.model)
+    params0 = modules.init_params(jax.random.key(0), base.model)
     for rate in (1 / 2, 1 / 8, 1 / 32):
         for sites in (("ffn",), ("q", "k", "v", "ffn")):
             params = with_rate(base, params0, batch, rate, sites)
@@ -143,8 +144,9 @@ def main() -> None:
                 calls[mode] = (loss_of(fn, batch), (state._replace(params=params),))
                 if mode == "sparse":
                     _, aux = tr.forward(params, batch["inputs"], cfg.model)
-                    out["measured_active_frac"] = float(jnp.mean(aux["z_ffn"] > 0))
-                    out["overflow"] = int(sum(jnp.sum(aux[f"overflow_{c}"]) for c in sites))
+                    out["measured_active_frac"] = float(jnp.mean(aux.steps.ffn.z > 0))
+                    out["overflow"] = int(sum(jnp.sum(aux.steps.site(c).overflow)
+                                              for c in sites))
             if not attn:  # the same step without FFN experts (see the module docstring)
                 cfg = dataclasses.replace(base, model=dataclasses.replace(base.model,
                                                                           use_ffn=False))

@@ -30,16 +30,15 @@ from pathlib import Path
 import jax
 import numpy as np
 from common import emit
+from tinyonn_jax.families.registry import get_family
 
-from tinyonn_jax import ema as ema_lib
+from tinyonn_jax import train_state
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.batching import BatchStream, pack_sequences
 from tinyonn_jax.data.tasks import Task, load_tasks
 from tinyonn_jax.data.tokenizer import sequence_length, serialize_task
 from tinyonn_jax.eval.evaluate import evaluate_tasks
 from tinyonn_jax.families.dyntrm import dense
-from tinyonn_jax.families.dyntrm import step as st
-from tinyonn_jax.family import get_family
 from tinyonn_jax.trainer import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,13 +120,12 @@ def run_one(name: str, cfg: Config, tasks: list[Task], seed: int, args) -> dict:
     """Train ``cfg`` for ``args.budget_steps`` from seed ``seed``; evaluate; return records."""
     family = get_family(cfg)
     key = jax.random.key(seed)
-    optimizer = family.build_optimizer(cfg, jax.eval_shape(lambda k: family.init_params(k, cfg),
-                                                           key))
+    optimizer = family.build_optimizer(cfg)
     state = family.init_state(cfg, optimizer, key)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
-    step_fn = st.make_train_step(cfg, optimizer)
+    step_fn = family.make_train_step(cfg, optimizer)
     stream = BatchStream(demo_tasks(tasks), cfg.data, seed=seed)
-    logits_fn = jax.jit(lambda s, p, b: family.logits(s, p, b["inputs"], cfg,
+    logits_fn = jax.jit(lambda s, p, b: family.logits(p, s.extras, b["inputs"], cfg,
                                                       positions=b["positions"],
                                                       segment_ids=b["segment_ids"]))
     tbatches = test_batches(tasks, cfg)
@@ -142,13 +140,13 @@ def run_one(name: str, cfg: Config, tasks: list[Task], seed: int, args) -> dict:
         curve["loss"].append(float(m["train/main_loss"]))
         curve["token_acc"].append(float(m["train/token_acc"]))
         if (i + 1) % args.eval_every == 0 or i + 1 == args.budget_steps:
-            tf = teacher_forced(logits_fn, state, ema_lib.eval_params(state), tbatches)
+            tf = teacher_forced(logits_fn, state, train_state.eval_params(state), tbatches)
             evals["step"].append(i + 1)
             evals["test_token_acc"].append(tf["test_token_acc"])
             evals["test_loss"].append(tf["test_loss"])
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    params = ema_lib.eval_params(state)
+    params = train_state.eval_params(state)
     final_tf = teacher_forced(logits_fn, state, params, tbatches)
     _, agg = evaluate_tasks(params, cfg, tasks, num_views=args.eval_views, seed=seed,
                             batch_size=8, max_new_tokens=args.max_new_tokens, min_bucket=256)

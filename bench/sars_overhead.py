@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 from common import emit, time_fn
 
-from tinyonn_jax import optim
 from tinyonn_jax.config import Config, DataConfig, SarsConfig
-from tinyonn_jax.families.dyntrm import step as st
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 from tinyonn_jax.trainer import load_config
 
 
@@ -35,9 +34,9 @@ def measure(name: str, cfg: Config, t: int, reps: int) -> dict:
     for label, sars in (("full_step_s", cfg.sars),
                         ("main_only_step_s", dataclasses.replace(cfg.sars, enabled=False))):
         c = dataclasses.replace(cfg, sars=sars)
-        opt = optim.build_optimizer(c, st.tr.init_params(jax.random.key(0), c.model))
-        state = st.init_state(c, opt, jax.random.key(0))
-        step = st.make_train_step(c, opt, donate=False)
+        opt = DYNTRM.build_optimizer(c)
+        state = DYNTRM.init_state(c, opt, jax.random.key(0))
+        step = DYNTRM.make_train_step(c, opt, donate=False)
         out[label] = time_fn(lambda s, f=step: f(s, batch)[1]["train/loss"], state, reps=reps)
     out["ratio"] = out["full_step_s"] / out["main_only_step_s"]
     return out

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from common import compiled_step, emit, random_batch, time_fn
 
 from tinyonn_jax.config import Config
+from tinyonn_jax.families.dyntrm import modules
 from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.trainer import load_config
 
@@ -41,7 +42,7 @@ def forward_flops_one_step(cfg: Config, batch: dict) -> float:
     # loop (the analysis would count a scan over experts once, not once per expert).
     one = dataclasses.replace(cfg.model, max_refinement_steps=1, attn_dispatch="dense",
                               ffn_dispatch="dense")
-    params = tr.init_params(jax.random.key(0), one)
+    params = modules.init_params(jax.random.key(0), one)
     fwd = jax.jit(lambda p, t: tr.forward(p, t, one)[0]).lower(params, batch["inputs"])
     return float(fwd.compile().cost_analysis().get("flops", 0.0))
 

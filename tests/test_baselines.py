@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from conftest import tiny_model_config
 
-from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import loss as task_loss
-from tinyonn_jax import optim
+from tinyonn_jax import optim, train_state
 from tinyonn_jax.config import Config, ModelConfig, OptimizerConfig, SarsConfig, TrainConfig
-from tinyonn_jax.families.dyntrm import dense, recursion
+from tinyonn_jax.families.dyntrm import dense, modules, recursion
 from tinyonn_jax.families.dyntrm import step as st
 from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 from tinyonn_jax.nn import context
-from tinyonn_jax.nn.variables import MAIN, param_labels
+from tinyonn_jax.nn.variables import MAIN
 
 T = 8
 _forward = jax.jit(tr.forward, static_argnames="cfg")  # compiled once per config, across tests
@@ -44,43 +44,43 @@ def test_match_param_count_within_5_percent(use_ffn):
         assert twin.hidden == routed.hidden
     ratio = dense.param_count(twin) / dense.param_count(routed)
     assert abs(ratio - 1.0) <= 0.05, ratio
-    real = tr.count_params(tr.init_params(jax.random.key(0), twin))
+    real = tr.count_params(modules.init_params(jax.random.key(0), twin))
     assert real == dense.param_count(twin)
 
 
 def test_dense_twin_has_no_routing_params_or_residuals():
     cfg = _dense_cfg()
-    params = tr.init_params(jax.random.key(0), cfg)
-    assert set(jax.tree.leaves(param_labels(params))) == {MAIN}
+    params = modules.init_params(jax.random.key(0), cfg)
+    assert set(jax.tree.leaves(modules.param_labels(cfg))) == {MAIN}
     _, aux = _forward(params, _batch(cfg)["inputs"], cfg=cfg)
-    assert not [k for k in aux if k[:2] in ("u_", "z_", "k_")]
-    assert aux["logits"].shape == (cfg.max_refinement_steps, 2, T, cfg.vocab_size)
+    assert not aux.steps.routed() and aux.steps.u_attn is None and aux.steps.u_ffn is None
+    assert aux.steps.logits.shape == (cfg.max_refinement_steps, 2, T, cfg.vocab_size)
 
 
 def test_routing_off_gives_exactly_uniform_weights():
     cfg = tiny_model_config(attn_routing="dense", ffn_routing="dense")
-    params = tr.init_params(jax.random.key(0), cfg)
+    params = modules.init_params(jax.random.key(0), cfg)
     _, aux = _forward(params, _batch(cfg)["inputs"], cfg=cfg)
     for site, pool in (("q", cfg.num_attn_experts), ("k", cfg.num_attn_experts),
                        ("v", cfg.num_attn_experts), ("ffn", cfg.num_ffn_experts)):
-        z = np.asarray(aux[f"z_{site}"])
+        z = np.asarray(aux.steps.site(site).z)
         assert z.shape[-1] == pool
         assert np.all(z == np.float32(1.0 / pool))
-        assert np.all(np.asarray(aux[f"k_{site}"]) == pool)
+        assert np.all(np.asarray(aux.steps.site(site).k) == pool)
 
 
 def test_deep_supervision_last_step_only_equals_final_loss():
     cfg = tiny_model_config(max_refinement_steps=3)
-    params = tr.init_params(jax.random.key(0), cfg)
+    params = modules.init_params(jax.random.key(0), cfg)
     b = _batch(cfg)
     b["weights"] = b["weights"].at[0, :3].set(0.0)
     logits, aux = _forward(params, b["inputs"], cfg=cfg)
     final = task_loss.cross_entropy(logits, b["targets"], b["weights"])
-    ds = task_loss.deep_supervision_loss(aux["logits"], b["targets"], b["weights"], (0, 0, 1))
+    ds = task_loss.deep_supervision_loss(aux.steps.logits, b["targets"], b["weights"], (0, 0, 1))
     np.testing.assert_allclose(ds, final, rtol=1e-6)
-    per_step = [task_loss.cross_entropy(aux["logits"][s], b["targets"], b["weights"])
+    per_step = [task_loss.cross_entropy(aux.steps.logits[s], b["targets"], b["weights"])
                 for s in range(3)]
-    uniform = task_loss.deep_supervision_loss(aux["logits"], b["targets"], b["weights"],
+    uniform = task_loss.deep_supervision_loss(aux.steps.logits, b["targets"], b["weights"],
                                               (2, 2, 2))
     np.testing.assert_allclose(uniform, np.mean(per_step), rtol=1e-6)
 
@@ -112,11 +112,11 @@ def test_ema_update_equals_formula():
     decay = 0.9
     cfg = Config(model=tiny_model_config(), train=TrainConfig(ema_decay=decay),
                  sars=SarsConfig(enabled=False))  # EMA does not depend on SARS; compiles faster
-    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-    state = st.init_state(cfg, opt, jax.random.key(0))
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
     assert state.ema is not None
     jax.tree.map(np.testing.assert_array_equal, state.ema, state.params)
-    step = st.make_train_step(cfg, opt, donate=False)
+    step = DYNTRM.make_train_step(cfg, opt, donate=False)
     batch = _batch(cfg.model)
     for _ in range(2):
         new, _ = step(state, batch)
@@ -124,10 +124,10 @@ def test_ema_update_equals_formula():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                      new.ema, expect)
         state = new
-    assert ema_lib.eval_params(state) is state.ema
+    assert train_state.eval_params(state) is state.ema
     off = Config(model=tiny_model_config())
-    state_off = st.init_state(off, opt, jax.random.key(0))
-    assert state_off.ema is None and ema_lib.eval_params(state_off) is state_off.params
+    state_off = DYNTRM.init_state(off, opt, jax.random.key(0))
+    assert state_off.ema is None and train_state.eval_params(state_off) is state_off.params
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
 
@@ -153,9 +153,9 @@ def test_warmup_schedule_values():
 
 def test_dense_twin_loss_falls_on_fixed_batch():
     cfg = Config(model=_dense_cfg(), optim=OptimizerConfig(learning_rate=3e-3))
-    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-    state = st.init_state(cfg, opt, jax.random.key(0))
-    step = st.make_train_step(cfg, opt)
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
+    step = DYNTRM.make_train_step(cfg, opt)
     batch = _batch(cfg.model, b=2, t=16)
     losses = []
     for _ in range(40):
@@ -169,13 +169,13 @@ def test_dense_twin_loss_falls_on_fixed_batch():
 @pytest.mark.parametrize("kinds", [("mha", "swiglu"), ("mha", "dynmoe"), ("dynsiha", "swiglu")])
 def test_dense_kinds_are_causal(kinds):
     cfg = tiny_model_config(attn_kind=kinds[0], ffn_kind=kinds[1])
-    params = tr.init_params(jax.random.key(0), cfg)
+    params = modules.init_params(jax.random.key(0), cfg)
     tokens = _batch(cfg, b=1, t=6)["inputs"]
     ctx = context.make_context(tokens)
     readout = tr.make_readout(cfg)
 
     def logits_from_x(x):
-        return recursion.refine(params, x, ctx, cfg, None, readout)[1]["logits"][-1]
+        return recursion.refine(params, x, ctx, cfg, None, readout)[1].logits[-1]
 
     jac = jax.jacrev(logits_from_x)(tr.embed(params, tokens, cfg))  # (1,T,V, 1,T,D)
     dep = np.asarray(jnp.abs(jac).sum(axis=(2, 5))[0, :, 0, :])  # (T_out, T_in)
@@ -190,9 +190,9 @@ def test_sars_covers_only_existing_sites(attn_kind, ffn_kind, sites):
     model = tiny_model_config(attn_kind=attn_kind, ffn_kind=ffn_kind)
     assert model.routed_sites == sites
     cfg = Config(model=model)
-    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-    state = st.init_state(cfg, opt, jax.random.key(0))
-    _, m = st.make_train_step(cfg, opt, donate=False)(state, _batch(cfg.model))
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
+    _, m = DYNTRM.make_train_step(cfg, opt, donate=False)(state, _batch(cfg.model))
     assert {k.removeprefix("sars/C_mean/") for k in m if k.startswith("sars/C_mean/")} == \
         set(sites)
     assert (float(m["train/grad_norm_meta"]) > 0.0) == bool(sites)

@@ -10,7 +10,9 @@ import pytest
 from conftest import tiny_model_config
 
 from tinyonn_jax import loss as task_loss
+from tinyonn_jax.families.dyntrm import modules
 from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 from tinyonn_jax.families.dyntrm.sars import surprise
 from tinyonn_jax.nn import experts
 
@@ -53,7 +55,7 @@ def _cfgs(**kw):
 @pytest.mark.parametrize("routing", ["capr", "topk"])
 def test_sparse_model_equals_dense_forward_grads_and_sars(routing):
     dense, sparse = _cfgs(attn_routing=routing, ffn_routing=routing)
-    params = tr.init_params(jax.random.key(0), dense)
+    params = modules.init_params(jax.random.key(0), dense)
     toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
     inputs, targets, w = toks[:, :-1], toks[:, 1:], jnp.ones((B, T))
 
@@ -79,7 +81,7 @@ def test_sparse_model_equals_dense_forward_grads_and_sars(routing):
         # Goodness lies in [-1, 1] but divides by per-token maxima that can be tiny, which
         # magnifies float32 summation-order noise; compare it on its absolute scale.
         np.testing.assert_allclose(sd[site].goodness, ss[site].goodness, atol=1e-5)
-    assert all(int(auxs[f"overflow_{s}"].sum()) == 0 for s in ("q", "k", "v", "ffn"))
+    assert all(int(auxs.steps.site(s).overflow.sum()) == 0 for s in ("q", "k", "v", "ffn"))
 
 
 def _kept_by_union(masks, cap):
@@ -124,7 +126,7 @@ def test_scan_equals_batched_dense():
     """``scan`` (one expert at a time) computes the same sums as the batched einsum."""
     dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense")
     scan = dataclasses.replace(dense, attn_dispatch="scan", ffn_dispatch="scan")
-    params = tr.init_params(jax.random.key(0), dense)
+    params = modules.init_params(jax.random.key(0), dense)
     toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
 
     def loss(p, cfg):
@@ -142,53 +144,51 @@ def test_scan_equals_batched_dense():
 def test_overflow_is_counted():
     _, sparse = _cfgs()
     cfg = dataclasses.replace(sparse, capacity_frac=0.1)
-    params = tr.init_params(jax.random.key(0), cfg)
+    params = modules.init_params(jax.random.key(0), cfg)
     toks = jax.random.randint(jax.random.key(1), (B, T), 0, 18)
     _, aux = tr.forward(params, toks, cfg)
     for site, sharing in (("q", ("q", "k", "v")), ("v", ("q", "k", "v")), ("ffn", ("ffn",))):
-        z = aux[f"z_{site}"]
+        z = aux.steps.site(site).z
         flat = lambda x: np.asarray(x).reshape(-1, x.shape[-1]) > 0  # noqa: E731
         n = z[0].size // z.shape[-1]
         cap = experts.capacity(n, 0.1)
-        want = [int(np.sum(flat(z[s]) & ~_kept_by_union([flat(aux[f"z_{c}"][s])
+        want = [int(np.sum(flat(z[s]) & ~_kept_by_union([flat(aux.steps.site(c).z[s])
                                                           for c in sharing], cap)))
                 for s in range(cfg.max_refinement_steps)]
-        np.testing.assert_array_equal(aux[f"overflow_{site}"], want)
+        np.testing.assert_array_equal(aux.steps.site(site).overflow, want)
         assert sum(want) > 0
 
 
 def test_attention_has_its_own_capacity():
     _, sparse = _cfgs()
     tight = dataclasses.replace(sparse, capacity_frac=0.1)
-    params = tr.init_params(jax.random.key(0), tight)
+    params = modules.init_params(jax.random.key(0), tight)
     toks = jax.random.randint(jax.random.key(1), (B, T), 0, 18)
     _, aux_tight = tr.forward(params, toks, tight)
     roomy = dataclasses.replace(tight, attn_capacity_frac=1.0)
     logits, aux = tr.forward(params, toks, roomy)
-    assert int(aux_tight["overflow_q"].sum()) > 0 and int(aux["overflow_q"].sum()) == 0
+    assert int(aux_tight.steps.q.overflow.sum()) > 0 and int(aux.steps.q.overflow.sum()) == 0
     # FFN capacity untouched: step 0 sees the same FFN inputs (attention drops nothing there
     # with the roomy capacity, as in the dense model), so its FFN overflow is unchanged.
     dense_aux = tr.forward(params, toks, dataclasses.replace(roomy, attn_dispatch="dense"))[1]
-    assert int(aux["overflow_ffn"][0]) == int(dense_aux["overflow_ffn"][0]) > 0
+    assert int(aux.steps.ffn.overflow[0]) == int(dense_aux.steps.ffn.overflow[0]) > 0
     assert roomy.attn_capacity == 1.0 and tight.attn_capacity == 0.1
 
 
 def test_overflow_reaches_the_train_metrics():
-    from tinyonn_jax import optim
     from tinyonn_jax.config import Config, OptimizerConfig
-    from tinyonn_jax.families.dyntrm import step as st
 
     _, sparse = _cfgs()
     cfg = Config(model=dataclasses.replace(sparse, capacity_frac=0.1),
                  optim=OptimizerConfig(name="adam", kwargs=()),
                  meta_optim=OptimizerConfig(name="adam", kwargs=()))
-    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-    state = st.init_state(cfg, opt, jax.random.key(0))
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
     toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
     batch = dict(inputs=toks[:, :-1], targets=toks[:, 1:], weights=jnp.ones((B, T)),
                  segment_ids=jnp.ones((B, T), jnp.int32),
                  positions=jnp.broadcast_to(jnp.arange(T), (B, T)))
-    _, m = st.make_train_step(cfg, opt)(state, batch)
+    _, m = DYNTRM.make_train_step(cfg, opt)(state, batch)
     assert float(m["route/overflow/ffn"]) > 0 and np.isfinite(float(m["train/loss"]))
 
 
@@ -214,7 +214,7 @@ def test_scan_stats_backward_gives_the_grads_and_the_sars_statistics(dtype):
     u = jax.random.normal(jax.random.key(1), (2, 7, 4)).astype(dtype)
     z = jax.nn.relu(jax.random.normal(jax.random.key(2), (2, 7, 5)))
     g = jax.random.normal(jax.random.key(3), (2, 7, 3)).astype(dtype)
-    sink = jnp.zeros((2, 7, 5, len(experts.STAT_CHANNELS)))
+    sink = jnp.zeros((2, 7, 5, experts.NUM_STAT_CHANNELS))
     out, vjp = jax.vjp(lambda b, u, z, s: experts.apply_scan_stats(b, u, z, s), bank, u, z, sink)
     ref, vjp_ref = jax.vjp(lambda b, u, z: experts.apply_scan(b, u, (z,))[0], bank, u, z)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
@@ -240,7 +240,7 @@ def test_shared_scan_stats_backward_gives_every_weighting_its_statistics(keep_hi
     zs = tuple(jax.nn.relu(jax.random.normal(jax.random.key(2 + i), (2, 7, 3, 5)))
                for i in range(3))
     gs = tuple(jax.random.normal(jax.random.key(7 + i), (2, 7, 3, 4)) for i in range(3))
-    sink = jnp.zeros((2, 7, 3, 5, 3, len(experts.STAT_CHANNELS)))
+    sink = jnp.zeros((2, 7, 3, 5, 3, experts.NUM_STAT_CHANNELS))
     out, vjp = jax.vjp(lambda b, u, zs, s: experts.apply_scan_stats_shared(b, u, zs, s,
                                                                            keep_hidden),
                        bank, u, zs, sink)
@@ -266,16 +266,15 @@ def test_train_step_sars_from_the_experts_backward_equals_batched(remat, attn_di
     experts' backward pass (FFN: ``scan``, ``sparse``; latent-head library: ``scan`` without
     remat) or are recomputed from the probes (batched)."""
     from tinyonn_jax.config import Config
-    from tinyonn_jax.families.dyntrm import recursion
     from tinyonn_jax.families.dyntrm.step import compute_gradients
 
     dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense", remat=remat,
                               capacity_frac=1.0)
     scan = dataclasses.replace(dense, attn_dispatch=attn_dispatch, ffn_dispatch=ffn_dispatch)
-    assert recursion.FFN_STATS in tr.zero_probes(scan, B, T)
-    assert (recursion.ATTN_STATS in tr.zero_probes(scan, B, T)) == (remat == "none")
-    assert not {recursion.FFN_STATS, recursion.ATTN_STATS} & set(tr.zero_probes(dense, B, T))
-    params = tr.init_params(jax.random.key(0), dense)
+    assert tr.zero_probes(scan, B, T).ffn_stats is not None
+    assert (tr.zero_probes(scan, B, T).attn_stats is not None) == (remat == "none")
+    assert not {"ffn_stats", "attn_stats"} & set(tr.zero_probes(dense, B, T).present())
+    params = modules.init_params(jax.random.key(0), dense)
     toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": jnp.ones((B, T)),
              "segment_ids": jnp.ones((B, T), jnp.int32),
@@ -301,7 +300,7 @@ def test_sparse_stats_backward_gives_the_grads_and_the_sparse_statistics(frac):
     u = jax.random.normal(jax.random.key(1), (2, 7, 4))
     z = jax.nn.relu(jax.random.normal(jax.random.key(2), (2, 7, 5)))
     g = jax.random.normal(jax.random.key(3), (2, 7, 3))
-    sink = jnp.zeros((2, 7, 5, len(experts.STAT_CHANNELS)))
+    sink = jnp.zeros((2, 7, 5, experts.NUM_STAT_CHANNELS))
     out, vjp = jax.vjp(lambda b, u, z, s: experts.apply_sparse_stats(b, u, z, s, frac),
                        bank, u, z, sink)
     ref, vjp_ref = jax.vjp(lambda b, u, z: experts.apply_sparse(b, u, z, frac), bank, u, z)

@@ -15,13 +15,11 @@ import jax
 import pytest
 from conftest import tiny_model_config
 
-from tinyonn_jax import optim
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data import tokenizer
 from tinyonn_jax.data.tasks import load_tasks
-from tinyonn_jax.families.dyntrm import step
-from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 from train import evaluate as cli
 
 
@@ -37,8 +35,8 @@ def run(tmp_path_factory):
     """A workdir with one checkpoint (step 3) of a tiny model and a directory of 2 real tasks."""
     root = tmp_path_factory.mktemp("evalcli")
     cfg = Config(model=tiny_model_config())
-    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-    state = step.init_state(cfg, opt, jax.random.key(0))
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
     with Checkpointer(root / "work" / "checkpoints", keep=2) as ckpt:
         ckpt.save(3, state, {"epoch": 0, "index": 0}, cfg.to_dict())
     tasks = load_tasks("arc1", "train")

@@ -12,7 +12,7 @@ from tinyonn_jax.data import augment, tokenizer
 from tinyonn_jax.data.tasks import Task, load_tasks
 from tinyonn_jax.eval import evaluate
 from tinyonn_jax.eval.generate import Generation
-from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm import modules
 
 VIEWS = 8
 SEED = 3
@@ -158,7 +158,7 @@ def test_end_to_end_on_real_tasks():
     tasks = load_tasks("arc1", "train")
     small = sorted(tasks, key=lambda t: len(tokenizer.serialize_prompt(t, 0)))[:2]
     cfg = _cfg()
-    params = tr.init_params(jax.random.key(0), cfg.model)
+    params = modules.init_params(jax.random.key(0), cfg.model)
     seen = []
     reports, agg = evaluate.evaluate_tasks(params, cfg, small, num_views=2, batch_size=4,
                                            max_new_tokens=24,

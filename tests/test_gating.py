@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tinyonn_jax import loss as task_loss
-from tinyonn_jax.families.dynonn import gating
+from tinyonn_jax import metrics
+from tinyonn_jax.families.dynonn import gating, modules
 from tinyonn_jax.families.dynonn import model as dynonn
 from tinyonn_jax.nn import gamoe
 from tinyonn_jax.nn.attention import rope
@@ -59,7 +60,7 @@ def _reference_forward(params, tokens, cfg, decisions, w_eps, out_eps):
 @pytest.fixture(scope="module")
 def probed():
     cfg = CFG
-    params = dynonn.init_params(jax.random.key(0), cfg)
+    params = modules.init_params(jax.random.key(0), cfg)
     inputs, targets, w = _batch(cfg)
 
     def f(pr):
@@ -121,8 +122,8 @@ def test_lambda_moves_from_balance_to_smk_as_pi_rises():
     pis = jnp.linspace(0.0, 1.0, 11)
     lam = np.asarray(gating.lambda_of_pi(pis, 0.75, 10.0))
     assert np.all(np.diff(lam) < 0)
-    low = gating.pi_score(jnp.float32(8.0), jnp.float32(1.0), jnp.float32(2.0), 1.0, 0.5)
-    high = gating.pi_score(jnp.float32(0.01), jnp.float32(1.0), jnp.float32(0.01), 1.0, 0.5)
+    low = metrics.pi_score(jnp.float32(8.0), jnp.float32(1.0), jnp.float32(2.0), 1.0, 0.5)
+    high = metrics.pi_score(jnp.float32(0.01), jnp.float32(1.0), jnp.float32(0.01), 1.0, 0.5)
     np.testing.assert_allclose(low, np.exp(-(0.5 * 8.0 + 0.5 * 2.0)), rtol=1e-6)
     assert float(gating.lambda_of_pi(low, 0.75, 10.0)) > 0.99
     assert float(gating.lambda_of_pi(high, 0.75, 10.0)) < 0.1

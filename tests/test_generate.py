@@ -12,6 +12,7 @@ from conftest import tiny_model_config
 
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
 from tinyonn_jax.eval.generate import generate, left_pad
+from tinyonn_jax.families.dyntrm import modules
 from tinyonn_jax.families.dyntrm import transformer as tr
 
 NEW = 20
@@ -24,7 +25,7 @@ def _model(cfg, seed=0, stop_boost=-1e3):
 
     The default suppresses both stop tokens so that ~20 tokens get compared.
     """
-    params = tr.init_params(jax.random.key(seed), cfg)
+    params = modules.init_params(jax.random.key(seed), cfg)
     ln = params["final_ln"]
     ln["scale"] = ln["scale"].at[BIAS_DIM].set(0.0)
     ln["bias"] = ln["bias"].at[BIAS_DIM].set(1.0)

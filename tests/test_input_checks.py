@@ -13,7 +13,7 @@ from conftest import tiny_model_config
 from tinyonn_jax import validate
 from tinyonn_jax.data.tokenizer import VOCAB_SIZE
 from tinyonn_jax.eval.generate import generate
-from tinyonn_jax.families.dyntrm import recursion
+from tinyonn_jax.families.dyntrm import modules, recursion
 from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.nn import context
 
@@ -23,9 +23,9 @@ _jit_forward = jax.jit(tr.forward, static_argnames="cfg")
 
 @functools.cache
 def _params(hidden: int = 16) -> dict:
-    """Random parameters of the layout of ``tr.init_params`` (numpy draws: nothing compiled)."""
+    """Random parameters of the ``modules.init_params`` layout (numpy draws: nothing compiled)."""
     cfg = tiny_model_config(hidden=hidden)
-    shapes = jax.eval_shape(lambda: tr.init_params(jax.random.key(0), cfg))
+    shapes = jax.eval_shape(lambda: modules.init_params(jax.random.key(0), cfg))
     rng = np.random.default_rng(hidden)
     return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 
@@ -154,8 +154,9 @@ def test_forward_under_jit_is_unchanged() -> None:
 
     def unchecked(p, t):  # forward's body without the checks
         ctx = context.make_context(t)
-        _, aux = recursion.refine(p, tr.embed(p, t, CFG), ctx, CFG, None, tr.make_readout(CFG))
-        return aux["logits"][-1]
+        _, steps = recursion.refine(p, tr.embed(p, t, CFG), ctx, CFG, None,
+                                    tr.make_readout(CFG))
+        return steps.logits[-1]
 
     def checked(p, t):
         return tr.forward(p, t, CFG)[0]
@@ -164,6 +165,6 @@ def test_forward_under_jit_is_unchanged() -> None:
         str(jax.make_jaxpr(unchecked)(params, tokens))
     logits = jax.jit(checked)(params, tokens)
     np.testing.assert_array_equal(logits, jax.jit(unchecked)(params, tokens))
-    before = validate._expected_params.cache_info().hits
-    validate.check_forward_inputs(params, tokens, CFG)
-    assert validate._expected_params.cache_info().hits > before  # expected shapes are cached
+    before = modules.param_layout.cache_info().hits
+    validate.check_forward_inputs(params, tokens, CFG, modules.param_layout(CFG))
+    assert modules.param_layout.cache_info().hits > before  # expected shapes are cached

@@ -7,10 +7,13 @@ import jax
 import numpy as np
 import pytest
 
+import tinyonn_jax
 from tinyonn_jax.config import Config
+from tinyonn_jax.families.dyntrm import modules
 from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.interop import export_state_dict, import_state_dict, save_safetensors
 from tinyonn_jax.interop.pytorch import load_safetensors
+from tinyonn_jax.nn import variables
 
 D, H, P, V, S = 16, 2, 4, 18, 2
 DH = D // H
@@ -81,6 +84,13 @@ def test_import_matches_reference_forward():
     assert 0.1 < frac_active < 0.9  # both active and inactive experts are exercised
     logits, _ = tr.forward(params, tokens, cfg.model)
     np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-5, atol=1e-5)
+    # The package-level entry points take what the import returns.
+    top, _ = tinyonn_jax.forward(params, tokens, cfg.model)
+    np.testing.assert_array_equal(np.asarray(top), np.asarray(logits))
+    fresh = tinyonn_jax.init_params(jax.random.key(0), cfg.model)
+    assert jax.tree.structure(fresh) == jax.tree.structure(params)
+    module_params = variables.pure_params(tinyonn_jax.DynTRM(cfg.model, jax.random.key(0)))
+    jax.tree.map(np.testing.assert_array_equal, module_params, fresh)
 
 
 def test_imported_config_and_params_fit_the_model():
@@ -91,7 +101,7 @@ def test_imported_config_and_params_fit_the_model():
     assert (m.max_refinement_steps, m.head_dim, m.attn_mlp_hidden) == (S, DH, DH)
     assert (m.rope, m.use_ffn, m.final_norm, m.attn_routing, m.ln_eps) == (
         "none", False, False, "capr", 1e-5)
-    want = jax.eval_shape(lambda k: tr.init_params(k, m), jax.random.key(0))
+    want = jax.eval_shape(lambda k: modules.init_params(k, m), jax.random.key(0))
     assert jax.tree.structure(want) == jax.tree.structure(params)
     for w, p in zip(jax.tree.leaves(want), jax.tree.leaves(params), strict=True):
         assert (w.shape, w.dtype) == (p.shape, p.dtype)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinyonn_jax.config import OptimizerConfig
-from tinyonn_jax.families.dynonn import lifecycle
+from tinyonn_jax.config import Config, OptimizerConfig
+from tinyonn_jax.families.dynonn import lifecycle, modules
 from tinyonn_jax.families.dynonn import model as dynonn
-from tinyonn_jax.families.dynonn import step as dynonn_step
+from tinyonn_jax.families.dynonn.family import DYNONN
 
 CFG = dynonn.DynOnnConfig(hidden=8, num_heads=2, head_dim=2, ffn_hidden=4, num_layers=2,
                      max_experts=4, init_experts=3, lifecycle_window=3)
@@ -18,11 +18,11 @@ update = jax.jit(lifecycle.lifecycle_update, static_argnums=3)
 
 
 def _setup(cfg=CFG):
-    params = dynonn.init_params(jax.random.key(0), cfg)
+    params = modules.init_params(jax.random.key(0), cfg)
     for s in dynonn.SITES:  # non-zero thresholds, to see them reset
         params["layers"][s]["gates"] = jnp.full_like(params["layers"][s]["gates"], 0.25)
     adam = OptimizerConfig(name="adam", kwargs=())
-    opt = dynonn_step.build_moe_optimizer(params, adam, adam)
+    opt = DYNONN.build_optimizer(Config(family="dynonn", model=cfg, optim=adam, meta_optim=adam))
     opt_state = jax.tree.map(jnp.ones_like, opt.init(params))  # every moment 1: see resets
     pool = lifecycle.init_pool(cfg, jax.random.key(1))
     history = {s: jnp.ones_like(h) for s, h in pool.history.items()}
@@ -32,10 +32,13 @@ def _setup(cfg=CFG):
 def _selected(site_masks: dict, path) -> np.ndarray | None:
     """The boolean slice mask of a leaf at ``path`` (None if not per-expert)."""
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    if len(keys) < 3 or keys[-3] != "layers" or keys[-1] not in dynonn.EXPERT_AXIS:
+    if len(keys) < 3 or keys[-3] != "layers":
+        return None
+    ax = modules.expert_axes(CFG)["layers"].get(keys[-2], {}).get(keys[-1], -1)
+    if ax < 0:
         return None
     m = np.asarray(site_masks.get(keys[-2], np.zeros((CFG.groups, CFG.max_experts), bool)))
-    return m, dynonn.EXPERT_AXIS[keys[-1]]
+    return m, ax
 
 
 def _expand(m, ax, shape):
@@ -137,17 +140,21 @@ def test_routing_window_keeps_the_last_steps():
     assert int(pool.cursor) == 5
 
 
-@pytest.mark.parametrize("names", [tuple(dynonn.EXPERT_AXIS), dynonn.EXPERT_WEIGHTS])
+@pytest.mark.parametrize("names", [None, dynonn.EXPERT_WEIGHTS])
 def test_map_expert_slices_on_gradients(names):
     params, _, _ = _setup()
     grads = jax.tree.map(jnp.ones_like, params)
     out = lifecycle.map_expert_slices(grads, _mask("attn", 0, 2),
-                                      lambda s, n, x: jnp.zeros_like(x), names=names)
+                                      lambda s, n, x: jnp.zeros_like(x), CFG, names=names)
     assert float(out["layers"]["attn"]["wo"][0, 2].sum()) == 0
     assert float(out["layers"]["attn"]["wo"][1, 2].min()) == 1
     assert float(out["layers"]["ffn"]["w1"].min()) == 1
     gates_zeroed = float(out["layers"]["attn"]["gates"][0, 2]) == 0
-    assert gates_zeroed == ("gates" in names)
+    assert gates_zeroed == (names is None or "gates" in names)
+    assert float(out["layers"]["attn"]["gate_log_scale"].min()) == 1  # no expert axis
+    proto = np.asarray(out["layers"]["attn"]["proto_sim"])  # (G, D, E): expert axis 2
+    assert proto[0, :, 2].max() == (0.0 if names is None else 1.0)
+    assert proto[0, :, [0, 1, 3]].min() == 1 and proto[1].min() == 1
 
 
 def test_add_prefers_a_slot_that_was_free_over_a_just_removed_one():

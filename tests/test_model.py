@@ -10,16 +10,16 @@ import pytest
 from conftest import tiny_model_config
 
 from tinyonn_jax.config import Config, ModelConfig, apply_overrides
-from tinyonn_jax.families.dyntrm import dynsiha, recursion
+from tinyonn_jax.families.dyntrm import dynsiha, modules, recursion
 from tinyonn_jax.families.dyntrm import transformer as tr
-from tinyonn_jax.nn import context, experts, routing
-from tinyonn_jax.nn.variables import MAIN, META, param_labels
+from tinyonn_jax.nn import context, experts, routing, variables
+from tinyonn_jax.nn.variables import MAIN, META
 
 T = 6
 
 
 def _setup(cfg, b=2, seed=0):
-    params = tr.init_params(jax.random.key(seed), cfg)
+    params = modules.init_params(jax.random.key(seed), cfg)
     tokens = jax.random.randint(jax.random.key(seed + 1), (b, T), 0, cfg.vocab_size)
     return params, tokens
 
@@ -49,7 +49,7 @@ def test_attention_is_causal(tiny_cfg):
     readout = tr.make_readout(tiny_cfg)
 
     def logits_from_x(x):
-        return recursion.refine(params, x, ctx, tiny_cfg, None, readout)[1]["logits"][-1]
+        return recursion.refine(params, x, ctx, tiny_cfg, None, readout)[1].logits[-1]
 
     jac = jax.jacrev(logits_from_x)(x0)  # (1,T,V, 1,T,D)
     dep = jnp.abs(jac).sum(axis=(2, 5))[0, :, 0, :]  # (T_out, T_in)
@@ -111,7 +111,7 @@ def test_dense_composition_equals_per_expert_loop():
 
 
 def test_qkv_composition_matches_per_head_reference(tiny_cfg):
-    params = dynsiha.init_attention(jax.random.key(0), tiny_cfg)
+    params = variables.pure_params(modules.DynSiha(tiny_cfg, jax.random.key(0)))
     u = jax.random.normal(jax.random.key(1), (1, T, tiny_cfg.num_heads, tiny_cfg.head_dim))
     routes = dynsiha.route_attention(params, u, tiny_cfg)
     out = dynsiha.compose_qkv(params, u, {c: r.z for c, r in routes.items()}, None)
@@ -169,7 +169,7 @@ def test_halting_threshold_extremes(tiny_cfg, jit):
     assert np.all(np.asarray(steps_n) == cfg.max_refinement_steps)
     full, aux = tr.forward(params, tokens, cfg)
     np.testing.assert_allclose(logits_n, full, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(logits0, aux["logits"][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits0, aux.steps.logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_halting_freezes_finished_rows(tiny_cfg):
@@ -178,7 +178,7 @@ def test_halting_freezes_finished_rows(tiny_cfg):
     _, aux = tr.forward(params, tokens, cfg)
     # Point the halting head along the difference of the two rows' pooled states after step 1,
     # so row 0 halts at once and row 1 continues.
-    h, _ = tr.make_readout(cfg)(params, aux["hidden"][0])
+    h, _ = tr.make_readout(cfg)(params, aux.steps.hidden[0])
     pooled = np.asarray(h.mean(axis=1))
     d = pooled[0] - pooled[1]
     c = 50.0 / float(d @ d)
@@ -189,13 +189,13 @@ def test_halting_freezes_finished_rows(tiny_cfg):
     assert steps[0] == 1 and steps[1] > 1
     _, aux = tr.forward(params, tokens, cfg)
     for row in range(2):
-        np.testing.assert_allclose(logits[row], aux["logits"][steps[row] - 1, row],
+        np.testing.assert_allclose(logits[row], aux.steps.logits[steps[row] - 1, row],
                                    rtol=1e-5, atol=1e-5)
 
 
 def test_param_labels_cover_every_leaf_once(tiny_cfg):
-    params = tr.init_params(jax.random.key(0), tiny_cfg)
-    labels = param_labels(params)
+    params = modules.init_params(jax.random.key(0), tiny_cfg)
+    labels = modules.param_labels(tiny_cfg)
     assert jax.tree.structure(labels) == jax.tree.structure(params)
     flat = jax.tree_util.tree_flatten_with_path(labels)[0]
     assert {lab for _, lab in flat} == {MAIN, META}

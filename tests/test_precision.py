@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import tiny_model_config
 
-from tinyonn_jax import optim
 from tinyonn_jax.config import Config, OptimizerConfig
-from tinyonn_jax.families.dyntrm import step as st
+from tinyonn_jax.families.dyntrm import modules
 from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 
 B, T = 2, 8
 
@@ -25,13 +25,13 @@ def _batch():
 def test_bf16_compute_keeps_routing_and_logits_in_f32():
     f32 = tiny_model_config()
     bf16 = dataclasses.replace(f32, compute_dtype="bfloat16")
-    params = tr.init_params(jax.random.key(0), f32)
+    params = modules.init_params(jax.random.key(0), f32)
     toks = _batch()["inputs"]
     l32, aux32 = tr.forward(params, toks, f32)
     l16, aux16 = tr.forward(params, toks, bf16)
-    assert aux16["hidden"].dtype == jnp.bfloat16  # the residual stream is computed in bf16
-    for key in ("z_q", "z_ffn"):  # routing weights and decisions stay float32
-        assert aux16[key].dtype == jnp.float32
+    assert aux16.steps.hidden.dtype == jnp.bfloat16  # the residual stream is computed in bf16
+    for site in ("q", "ffn"):  # routing weights and decisions stay float32
+        assert aux16.steps.site(site).z.dtype == jnp.float32
     assert l16.dtype == jnp.float32
     np.testing.assert_allclose(l16, l32, atol=0.1)  # bf16 rounding, not a different model
 
@@ -40,9 +40,9 @@ def test_bf16_train_step_updates_float32_params():
     cfg = Config(model=tiny_model_config(compute_dtype="bfloat16"),
                  optim=OptimizerConfig(name="adam", kwargs=()),
                  meta_optim=OptimizerConfig(name="adam", kwargs=()))
-    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-    state = st.init_state(cfg, opt, jax.random.key(0))
-    step = st.make_train_step(cfg, opt)
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
+    step = DYNTRM.make_train_step(cfg, opt)
     batch = _batch()
     losses = []
     for _ in range(15):
@@ -56,7 +56,7 @@ def test_bf16_train_step_updates_float32_params():
 def test_bf16_remat_reuses_the_forward_routing():
     """Rematerialising a bf16 step gives the gradients of the same routing decisions."""
     base = tiny_model_config(compute_dtype="bfloat16")
-    params = tr.init_params(jax.random.key(0), base)
+    params = modules.init_params(jax.random.key(0), base)
     batch = _batch()
 
     def loss(p, cfg):
@@ -69,8 +69,9 @@ def test_bf16_remat_reuses_the_forward_routing():
         (_, aux), g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params,
                                                                                         cfg)
         grads[policy] = (g, aux)
-    for key in ("z_q", "z_k", "z_v", "z_ffn"):
-        np.testing.assert_array_equal(grads["none"][1][key] > 0, grads["full"][1][key] > 0)
+    for site in ("q", "k", "v", "ffn"):
+        np.testing.assert_array_equal(grads["none"][1].steps.site(site).z > 0,
+                                      grads["full"][1].steps.site(site).z > 0)
     for a, b in zip(jax.tree.leaves(grads["none"][0]), jax.tree.leaves(grads["full"][0]),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),

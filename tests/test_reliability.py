@@ -25,7 +25,7 @@ from tinyonn_jax import optim, trainer
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config, ModelConfig, OptimizerConfig, apply_overrides
 from tinyonn_jax.errors import ConfigError, UserError
-from tinyonn_jax.family import get_family
+from tinyonn_jax.families.registry import get_family
 from tinyonn_jax.interrupts import GracefulStop
 from tinyonn_jax.observe.progress import Progress
 from tinyonn_jax.workdir import WorkdirLock
@@ -114,7 +114,8 @@ def test_use_ffn_false_on_the_command_line_builds_no_ffn(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert rc == 0 and printed["model"]["use_ffn"] is False and printed["data"]["augment"] is False
     cfg = apply_overrides(_micro_cfg(), ["model.use_ffn=false"])
-    assert "ffn" not in cfg.model.routed_sites and "ffn" not in get_family(cfg).expert_pools(cfg)
+    assert "ffn" not in cfg.model.routed_sites
+    assert get_family(cfg).num_experts(cfg) == cfg.model.num_attn_experts
     params = jax.eval_shape(lambda k: get_family(cfg).init_params(k, cfg), jax.random.key(0))
     assert "ffn" not in params["block"] and "moe" not in params["block"]
 
@@ -154,13 +155,17 @@ def test_an_overflowing_update_is_skipped_and_the_state_kept(name):
     assert float(metrics["train/update_ok"]) == 0.0 and int(new.skipped) == 1
     chex.assert_trees_all_equal(new.params, state.params)
     chex.assert_trees_all_equal(new.opt_state, state.opt_state)
+    chex.assert_trees_all_equal(*(jax.tree.map(_key_data, s.extras) for s in (new, state)))
+
+
+def _key_data(x):
+    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
 
 
 def test_a_non_finite_state_is_never_saved(tmp_path):
     cfg = _micro_cfg()
     family = get_family(cfg)
-    opt = family.build_optimizer(cfg, jax.eval_shape(lambda k: family.init_params(k, cfg),
-                                                     jax.random.key(0)))
+    opt = family.build_optimizer(cfg)
     state = family.init_state(cfg, opt, jax.random.key(0))
     bad = state._replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
     with Checkpointer(tmp_path / "checkpoints") as ckpt:

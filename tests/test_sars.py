@@ -13,19 +13,20 @@ from conftest import tiny_model_config
 from tinyonn_jax import loss as task_loss
 from tinyonn_jax import optim
 from tinyonn_jax.config import Config, OptimizerConfig, SarsConfig
-from tinyonn_jax.families.dyntrm import dynmoe, dynsiha
+from tinyonn_jax.families.dyntrm import dynmoe, dynsiha, modules
 from tinyonn_jax.families.dyntrm import step as st
 from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 from tinyonn_jax.families.dyntrm.sars import surprise
 from tinyonn_jax.nn import attention, context
 from tinyonn_jax.nn.norm import layer_norm
-from tinyonn_jax.nn.variables import META, param_labels
+from tinyonn_jax.nn.variables import META
 
 B, T = 1, 6
 
 
 def _data(cfg, seed=0):
-    params = tr.init_params(jax.random.key(seed), cfg)
+    params = modules.init_params(jax.random.key(seed), cfg)
     toks = jax.random.randint(jax.random.key(seed + 7), (B, T + 1), 0, cfg.vocab_size)
     w = jnp.ones((B, T)).at[:, 0].set(0.0)
     return params, toks[:, :-1], toks[:, 1:], w
@@ -150,8 +151,8 @@ def test_attribution_importance_equals_direct_formula(brute):
     cfg, params, aux, gprobe = brute["cfg"], brute["params"], brute["aux"], brute["gprobe"]
     stats = surprise.all_site_stats(params, aux, gprobe, cfg)
     from tinyonn_jax.nn import experts
-    y = experts.bank_outputs(params["block"]["ffn"]["bank"], aux["u_ffn"])  # (S,B,T,E,D)
-    direct = jnp.abs(jnp.einsum("sbtpd,sbtd->sbtp", aux["z_ffn"][..., None] * y, gprobe["ffn"]))
+    y = experts.bank_outputs(params["block"]["ffn"]["bank"], aux.steps.u_ffn)  # (S,B,T,E,D)
+    direct = jnp.abs(jnp.einsum("sbtpd,sbtd->sbtp", aux.steps.ffn.z[..., None] * y, gprobe.ffn))
     _close(stats["ffn"].o, direct)
     orig = surprise.all_site_stats(params, aux, gprobe, cfg, importance="output_grad")
     assert np.allclose(orig["ffn"].o, orig["ffn"].o[..., :1])  # degenerate across experts
@@ -187,8 +188,8 @@ def _batch(cfg, seed=0):
 
 def test_gradient_isolation():
     cfg = _full_cfg()
-    params = tr.init_params(jax.random.key(0), cfg.model)
-    labels = param_labels(params)
+    params = modules.init_params(jax.random.key(0), cfg.model)
+    labels = modules.param_labels(cfg.model)
     _, g_main, g_meta, *_ = st.compute_gradients(params, _batch(cfg), cfg)
     for (path, gm), gt, lab in zip(jax.tree_util.tree_flatten_with_path(g_main)[0],
                                    jax.tree.leaves(g_meta), jax.tree.leaves(labels),
@@ -209,11 +210,11 @@ def test_meta_weight_leaves_main_update_unchanged():
     results = []
     for w_meta in (0.0, 1.0):
         cfg = _full_cfg(w_meta=w_meta)
-        opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-        state = st.init_state(cfg, opt, jax.random.key(0))
-        state, _ = st.make_train_step(cfg, opt)(state, _batch(cfg))
+        opt = DYNTRM.build_optimizer(cfg)
+        state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
+        state, _ = DYNTRM.make_train_step(cfg, opt)(state, _batch(cfg))
         results.append(state.params)
-    labels = param_labels(results[0])
+    labels = modules.param_labels(cfg.model)
     for a, b, lab in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]),
                          jax.tree.leaves(labels), strict=True):
         if lab != META:
@@ -227,7 +228,7 @@ def test_main_loss_leaves_meta_update_unchanged():
     """The meta loss's weight changes nothing of the main gradient; at weight 0 the routing
     parameters receive no gradient at all (isolation)."""
     cfg = _full_cfg()
-    params = tr.init_params(jax.random.key(0), cfg.model)
+    params = modules.init_params(jax.random.key(0), cfg.model)
     _, g_main, g_meta, *_ = st.compute_gradients(params, _batch(cfg), cfg)
     cfg0 = dataclasses.replace(cfg, sars=SarsConfig(w_meta=0.0))
     _, g_main0, g_meta0, *_ = st.compute_gradients(params, _batch(cfg), cfg0)
@@ -239,21 +240,21 @@ def test_main_loss_leaves_meta_update_unchanged():
                                      "dyntrm_original"])
 def test_meta_loss_variants_train_routing(variant):
     cfg = _full_cfg(meta_loss=variant)
-    params = tr.init_params(jax.random.key(0), cfg.model)
+    params = modules.init_params(jax.random.key(0), cfg.model)
     _, _, g_meta, *_, meta_loss = st.compute_gradients(params, _batch(cfg), cfg)
     assert np.isfinite(float(meta_loss))
     assert float(optax.tree.norm(g_meta)) > 0
 
 
 def test_swapping_optimizer_in_config_changes_the_chain():
-    params = tr.init_params(jax.random.key(0), tiny_model_config())
+    params = modules.init_params(jax.random.key(0), tiny_model_config())
     grads = jax.tree.map(jnp.ones_like, params)
     outs = {}
     no_decay = (("weight_decay", 0.0),)
     for name, kw in (("adamw", no_decay), ("lion", no_decay), ("sgd", ())):
         cfg = Config(model=tiny_model_config(),
                      optim=OptimizerConfig(name=name, kwargs=kw, learning_rate=0.1))
-        opt = optim.build_optimizer(cfg, params)
+        opt = DYNTRM.build_optimizer(cfg)
         upd, _ = opt.update(grads, opt.init(params), params)
         outs[name] = float(upd["lm_head"][0, 0])
     np.testing.assert_allclose(outs["sgd"], -0.1, rtol=1e-6)
@@ -269,12 +270,12 @@ def test_swapping_optimizer_in_config_changes_the_chain():
 
 def test_non_finite_loss_skips_update():
     cfg = _full_cfg()
-    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-    state = st.init_state(cfg, opt, jax.random.key(0))
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
     before = jax.tree.map(np.asarray, state.params)
     batch = _batch(cfg)
     batch["weights"] = batch["weights"].at[0, 2].set(jnp.nan)
-    state, m = st.make_train_step(cfg, opt, donate=False)(state, batch)
+    state, m = DYNTRM.make_train_step(cfg, opt, donate=False)(state, batch)
     assert int(state.skipped) == 1 and float(m["train/update_ok"]) == 0.0
     chex.assert_trees_all_equal(before, jax.tree.map(np.asarray, state.params))
 
@@ -291,9 +292,9 @@ def test_tiny_config_loss_falls_on_a_real_arc_task():
     task = next(t for t in load_tasks("arc1", "train") if t.task_id == "d631b094")
     batch = pack_sequences([serialize_task(task, 0)], 1, 128, 512)[0][0]
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    opt = optim.build_optimizer(cfg, tr.init_params(jax.random.key(0), cfg.model))
-    state = st.init_state(cfg, opt, jax.random.key(0))
-    step = st.make_train_step(cfg, opt)
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
+    step = DYNTRM.make_train_step(cfg, opt)
     losses = []
     for _ in range(50):
         state, m = step(state, batch)
@@ -302,11 +303,30 @@ def test_tiny_config_loss_falls_on_a_real_arc_task():
     assert losses[-1] < 0.3 * losses[0], losses[::10]
 
 
+def _direct_meta_loss(params, aux, stats, valid, cfg, variant):
+    """The meta loss on every step at once, the oracle of the scanned ``engine.sars_pass``:
+    mean over sites, steps and valid tokens. stats: site -> SiteStats (S,B,T[,H],P); valid (B,T).
+    """
+    from tinyonn_jax.families.dyntrm.sars import losses as meta_losses
+    from tinyonn_jax.nn import routing
+
+    total = 0.0
+    routers = meta_losses.site_routers(params, cfg)
+    for site, router in routers.items():
+        u = jax.lax.stop_gradient(aux.steps.expert_input(site))
+        r = routing.prototype_scores(u, router.proto, router.gate)
+        per_tok = meta_losses.site_meta_loss(r, stats[site], router.mode, router.top_k,
+                                             variant)  # (S,B,T[,H])
+        w = valid.reshape(1, *valid.shape, *([1] * (per_tok.ndim - 3)))
+        w = jnp.broadcast_to(w, per_tok.shape)
+        total = total + jnp.sum(per_tok * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return total / len(routers)
+
+
 @pytest.mark.parametrize("variant", ["entropy_plus", "dyntrm_original"])
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_scanned_sars_pass_equals_direct_computation(variant, dispatch):
     from tinyonn_jax.families.dyntrm.sars import engine
-    from tinyonn_jax.families.dyntrm.sars import losses as meta_losses
 
     cfg = dataclasses.replace(tiny_model_config(), attn_dispatch=dispatch, ffn_dispatch=dispatch,
                               capacity_frac=1.0)
@@ -315,16 +335,16 @@ def test_scanned_sars_pass_equals_direct_computation(variant, dispatch):
     valid = jnp.ones((B, T)).at[0, -1].set(0.0)
     res = engine.sars_pass(params, aux, gprobe, valid, cfg, "attribution", variant)
     stats = surprise.all_site_stats(params, aux, gprobe, cfg)
-    labels = param_labels(params)
+    labels = modules.param_labels(cfg)
 
     def direct(p):
         p = jax.tree.map(lambda x, lab: x if lab == META else jax.lax.stop_gradient(x), p, labels)
-        return meta_losses.meta_loss(p, aux, stats, valid, cfg, variant)
+        return _direct_meta_loss(p, aux, stats, valid, cfg, variant)
 
     loss, grad = jax.value_and_grad(direct)(params)
     np.testing.assert_allclose(res.meta_loss, loss, rtol=1e-5)
     chex.assert_trees_all_close(res.g_meta, grad, rtol=1e-4, atol=1e-8)
-    active = (aux["z_ffn"] > 0) * valid[None, ..., None]
+    active = (aux.steps.ffn.z > 0) * valid[None, ..., None]
     np.testing.assert_allclose(res.metrics["sars/C_mean/ffn"],
                                jnp.sum(stats["ffn"].c * active) / jnp.sum(active), rtol=1e-5)
 
@@ -338,7 +358,9 @@ def test_sars_pass_rebuilds_the_forward_routing_weights(mode):
     cfg = tiny_model_config(attn_routing=mode, ffn_routing=mode)
     params, inputs, _, _ = _data(cfg)
     _, aux = jax.jit(tr.forward, static_argnums=2)(params, inputs, cfg)
-    for site, (proto, gate, m, _, u_key) in meta_losses.site_routers(params, cfg).items():
-        z = routing.weights_for_decision(aux[u_key], proto, gate, aux[f"mask_{site}"], m)
-        np.testing.assert_array_equal(aux[f"mask_{site}"], aux[f"z_{site}"] > 0)
-        np.testing.assert_allclose(z, aux[f"z_{site}"], rtol=1e-6, atol=1e-7)
+    for site, router in meta_losses.site_routers(params, cfg).items():
+        res = aux.steps.site(site)
+        z = routing.weights_for_decision(aux.steps.expert_input(site), router.proto, router.gate,
+                                         res.mask, router.mode)
+        np.testing.assert_array_equal(res.mask, res.z > 0)
+        np.testing.assert_allclose(z, res.z, rtol=1e-6, atol=1e-7)

@@ -7,11 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from tinyonn_jax.config import OptimizerConfig
+from tinyonn_jax.config import Config, OptimizerConfig
 from tinyonn_jax.families.spl import model as spl
+from tinyonn_jax.families.spl import modules as sm
 from tinyonn_jax.families.spl import msaps as ms
 from tinyonn_jax.families.spl import step as ss
+from tinyonn_jax.families.spl.family import SPL
+from tinyonn_jax.nn import variables
 from tinyonn_jax.nn.variables import MAIN, META
 
 B, T = 2, 8
@@ -55,16 +59,24 @@ def _gradients(params, batch, cfg, ema=0.0):
     return _gradients_fn(params, batch, jnp.float32(ema), cfg, probes)
 
 
+def _full(cfg) -> Config:
+    """The whole config of the SPL family with ``cfg`` as its model: plain SGD, main lr 0.1,
+    meta lr 0.5."""
+    return Config(family="spl", model=cfg,
+                  optim=OptimizerConfig(name="sgd", learning_rate=0.1, kwargs=()),
+                  meta_optim=OptimizerConfig(name="sgd", learning_rate=0.5, kwargs=()))
+
+
 @functools.cache
 def _sgd_step(cfg):
-    """(optimizer, jitted step) with plain SGD: main lr 0.1, meta lr 0.5."""
-    opt = ss.build_spl_optimizer(OptimizerConfig(name="sgd", learning_rate=0.1, kwargs=()),
-                                 OptimizerConfig(name="sgd", learning_rate=0.5, kwargs=()))
-    return opt, ss.make_spl_train_step(cfg, opt, donate=False)
+    """(optimizer, jitted step) of the SPL family with the optimizers of ``_full``."""
+    opt = SPL.build_optimizer(_full(cfg))
+    return opt, SPL.make_train_step(_full(cfg), opt, donate=False)
 
 
 def _layer_params(seed=0, d_in=6, n=5):
-    p = spl.init_spl(jax.random.key(seed), d_in, n, init_std=0.5)
+    layer = sm.SplLayer(jax.random.key(seed)[None], d_in, n, init_std=0.5)  # L = 1
+    p = {name: a[0] for name, a in variables.pure_params(layer).items()}
     p["gate_param"] = 0.2 * jax.random.normal(jax.random.key(seed + 1), (n, d_in))
     p["mu_bias"] = 0.1 * jax.random.normal(jax.random.key(seed + 2), (n,))
     x = jax.random.normal(jax.random.key(seed + 3), (7, d_in))
@@ -87,6 +99,123 @@ def test_config_rejects_bad_values():
         spl.SplConfig(hidden=0)
     with pytest.raises(ValueError, match="recursion"):
         spl.SplConfig(recursion="loop")
+
+
+_SPL_LEAVES = ("mu_weight", "mu_bias", "proto_weight", "gate_param")  # per-neuron: N on axis 1
+
+
+def _reference_params(key, cfg) -> dict:
+    """The SPL init written out layer by layer with plain jax.random (no modules, no vmap)."""
+    k_emb, k_layers, k_prc, k_head = jax.random.split(key, 4)
+    d, v, f32 = cfg.hidden, cfg.vocab_size, jnp.float32
+    norm = lambda *s: {"scale": jnp.ones(s + (d,), f32), "bias": jnp.zeros(s + (d,), f32)}  # noqa: E731
+    per_layer = []
+    for kl in jax.random.split(k_layers, cfg.num_param_layers):
+        lp = {"ln1": norm(), **({"ln2": norm()} if cfg.use_moie else {})}
+        for kind, kk in zip(cfg.kinds, jax.random.split(kl, len(cfg.kinds)), strict=True):
+            (d_in, n), (k_mu, k_p) = cfg.dims(kind), jax.random.split(kk)
+            lp[kind] = {"mu_weight": jax.random.normal(k_mu, (n, d_in)) / np.sqrt(d_in),
+                        "mu_bias": jnp.zeros((n,), f32),
+                        "proto_weight": cfg.init_std * jax.random.normal(k_p, (n, d_in)),
+                        "gate_param": jnp.zeros((n, d_in), f32)}
+        per_layer.append(lp)
+    want = {"embed": cfg.init_std * jax.random.normal(k_emb, (v, d)),
+            "layers": jax.tree.map(lambda *a: jnp.stack(a), *per_layer),
+            "lm_head": jax.random.normal(k_head, (d, v)) / np.sqrt(d)}
+    if cfg.num_prc:
+        want["prc"] = {
+            kind: {"prc_weight": jax.random.normal(kk, (cfg.num_prc, i, i)) / np.sqrt(i),
+                   "prc_scale": jnp.full((cfg.num_prc, i), cfg.init_std, f32),
+                   "prc_bias": jnp.zeros((cfg.num_prc, i), f32)}
+            for kind, kk in zip(cfg.kinds, jax.random.split(k_prc, len(cfg.kinds)), strict=True)
+            for i in [cfg.dims(kind)[0]]}
+    if cfg.final_norm:
+        want["final_ln"] = norm()
+    return want
+
+
+def _assert_trees_identical(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                            strict=True):
+        assert a.dtype == b.dtype == jnp.float32 and a.shape == b.shape, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+@pytest.mark.parametrize("cfg", [_cfg(), _DYN, _NO_PRC, _cfg(use_moie=False, final_norm=False)],
+                         ids=["stacked", "dyntrm", "no_prc", "no_moie"])
+def test_module_params_equal_reference_init_and_groups_are_types(cfg):
+    model = sm.SplModel(cfg, jax.random.key(3))
+    params = variables.pure_params(model)
+    _assert_trees_identical(params, _reference_params(jax.random.key(3), cfg))
+    _assert_trees_identical(sm.init_spl_params(jax.random.key(3), cfg), params)  # deterministic
+    assert not np.array_equal(sm.init_spl_params(jax.random.key(4), cfg)["embed"], params["embed"])
+    assert ("prc" in params) == bool(cfg.num_prc) and ("final_ln" in params) == cfg.final_norm
+    assert ("ln2" in params["layers"]) == cfg.use_moie
+    labels = sm.param_labels(cfg)
+    assert labels == variables.labels(model)  # the shape-only model has the same types
+    assert jax.tree.structure(labels) == jax.tree.structure(params)
+    for path, lab in jax.tree_util.tree_leaves_with_path(labels):
+        keys = [p.key for p in path]
+        is_meta = keys[0] == "prc" or keys[-1] in ("proto_weight", "gate_param")
+        assert lab == (META if is_meta else MAIN), keys
+    for kind in cfg.kinds:
+        assert isinstance(getattr(model.layers, kind).mu_weight, variables.MainParam)
+        assert isinstance(getattr(model.layers, kind).proto_weight, variables.MetaParam)
+    if cfg.num_prc:
+        prc_vars = nnx.to_flat_state(nnx.state(model.prc, nnx.Param))
+        assert {type(var) for _, var in prc_vars} == {variables.MetaParam}
+
+
+def test_module_call_equals_spl_forward():
+    cfg, batch = _DYN, _batch()
+    model = sm.SplModel(cfg, jax.random.key(5))
+    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logits = model(batch["inputs"], **kw)
+    want = spl.spl_forward(variables.pure_params(model), batch["inputs"], cfg, with_stats=False,
+                           **kw)[0]
+    assert logits.shape == (B, T, cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(want))
+
+
+def test_labels_follow_types_not_names():
+    model = sm.SplModel(_NO_PRC, jax.random.key(0))
+    q = model.layers.q
+    # A meta leaf under a computation-like name, a main leaf under a prototype-like name.
+    q.mu_weight2 = variables.meta(q.mu_weight[...])
+    q.proto_x = variables.main(q.proto_weight[...])
+    del q.mu_weight, q.proto_weight
+    model.prc_like = variables.main(jnp.ones((3,)))
+    labels, params = variables.labels(model), variables.pure_params(model)
+    assert labels["layers"]["q"]["mu_weight2"] == META
+    assert labels["layers"]["q"]["proto_x"] == MAIN
+    assert labels["prc_like"] == MAIN
+    assert "mu_weight" not in labels["layers"]["q"] and "proto_weight" not in labels["layers"]["q"]
+    # The optimizer partition follows the labels: only meta leaves move under (main 0, meta 1).
+    opt = optax.partition({MAIN: optax.sgd(0.0), META: optax.sgd(1.0)}, labels)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert np.all(np.asarray(updates["layers"]["q"]["mu_weight2"]) == -1.0)
+    assert np.all(np.asarray(updates["layers"]["q"]["proto_x"]) == 0.0)
+    assert np.all(np.asarray(updates["prc_like"]) == 0.0)
+
+
+@pytest.mark.parametrize("cfg", [_cfg(), _DYN], ids=["stacked", "dyntrm"])
+def test_expert_axes_mark_exactly_the_per_neuron_leaves(cfg):
+    axes, params = sm.expert_axes(cfg), sm.init_spl_params(jax.random.key(0), cfg)
+    assert axes is sm.expert_axes(cfg)  # cached per config
+    assert jax.tree.structure(axes) == jax.tree.structure(params)
+    marked = 0
+    for (path, ax), a in zip(jax.tree_util.tree_leaves_with_path(axes), jax.tree.leaves(params),
+                             strict=True):
+        keys = [p.key for p in path]
+        if keys[0] == "layers" and keys[1] in cfg.kinds:
+            assert keys[2] in _SPL_LEAVES and ax == 1, keys
+            assert a.shape[:2] == (cfg.num_param_layers, cfg.dims(keys[1])[1]), keys  # (L_p, N)
+            marked += 1
+        else:
+            assert ax == -1, keys
+    assert marked == len(cfg.kinds) * len(_SPL_LEAVES)
 
 
 @pytest.mark.parametrize("activation", ["linear", "silu"])
@@ -126,7 +255,7 @@ def test_routing_gradients_hard_zero_ste_identity():
 
 def test_anchors_and_counts_equal_direct_masked_mean():
     cfg, batch = _cfg(), _batch()
-    params = spl.init_spl_params(jax.random.key(0), cfg)
+    params = sm.init_spl_params(jax.random.key(0), cfg)
     aux = _gradients(params, batch, cfg)[3]["aux"]
     valid = np.asarray(batch["segment_ids"] > 0, np.float64)
     for k in cfg.kinds:
@@ -149,7 +278,7 @@ def test_anchors_and_counts_equal_direct_masked_mean():
 @pytest.mark.parametrize("cfg", [_cfg(), _DYN], ids=["stacked", "dyntrm"])
 def test_mu_surprise_equals_jax_grad(cfg):
     batch = _batch()
-    params = spl.init_spl_params(jax.random.key(1), cfg)
+    params = sm.init_spl_params(jax.random.key(1), cfg)
     out = _gradients(params, batch, cfg)[3]
     aux, gp, gprobe = out["aux"], out["g_ce"], out["g_probes"]
     for k in cfg.kinds:
@@ -183,7 +312,7 @@ def _brute_proto_loss(params, cfg, anchors, site_active, signs, weights):
 
 def test_classification_and_proto_surprise_equal_brute_force():
     cfg, batch = _cfg(), _batch(seed=2)
-    params = spl.init_spl_params(jax.random.key(2), cfg)
+    params = sm.init_spl_params(jax.random.key(2), cfg)
     out = _gradients(params, batch, cfg)[3]
     aux, gp, info = out["aux"], out["g_ce"], out["info"]
     valid = np.asarray(batch["segment_ids"] > 0, np.float64)
@@ -225,7 +354,7 @@ def test_classification_and_proto_surprise_equal_brute_force():
 def test_meta_step_pulls_good_and_pushes_bad():
     cfg, batch = _NO_PRC, _batch(seed=3)
     opt, step = _sgd_step(cfg)
-    state = ss.init_spl_state(cfg, jax.random.key(3), opt)
+    state = SPL.init_state(_full(cfg), opt, jax.random.key(3))
     out = _gradients(state.params, batch, cfg)[3]
     info, stats = out["info"], out["aux"]["stats"]
     new, _ = step(state, batch)
@@ -246,7 +375,7 @@ def test_meta_step_pulls_good_and_pushes_bad():
 def test_protection_freezes_a_fully_protected_prototype():
     cfg, batch = _NO_PRC, _batch(seed=4)
     opt, step = _sgd_step(cfg)
-    state = ss.init_spl_state(cfg, jax.random.key(4), opt)
+    state = SPL.init_state(_full(cfg), opt, jax.random.key(4))
     layers = dict(state.params["layers"])
     for i, k in enumerate(cfg.kinds):  # every gate row has norm 2 ...
         g = jax.random.normal(jax.random.key(40 + i), layers[k]["gate_param"].shape)
@@ -254,7 +383,7 @@ def test_protection_freezes_a_fully_protected_prototype():
         if k == "q":
             g = g.at[0, 0].set(0.0)  # ... except one: the unique top of -||g||
         layers[k] = {**layers[k], "gate_param": g}
-    state = state._replace(params={**state.params, "layers": layers}, ema_acc=jnp.float32(1.0))
+    state = state._replace(params={**state.params, "layers": layers}, extras=jnp.float32(1.0))
     new, m = step(state, batch)
     assert float(m["train/update_ok"]) == 1.0 and float(m["spl/protection_max"]) == 1.0
     old_p, new_p = state.params["layers"]["q"]["proto_weight"], new.params["layers"]["q"][
@@ -266,8 +395,8 @@ def test_protection_freezes_a_fully_protected_prototype():
 @pytest.mark.parametrize("cfg", [_cfg(), _DYN], ids=["stacked", "dyntrm"])
 def test_prc_is_meta_and_receives_gradient(cfg):
     batch = _batch()
-    params = spl.init_spl_params(jax.random.key(5), cfg)
-    labels = spl.spl_param_labels(params)
+    params = sm.init_spl_params(jax.random.key(5), cfg)
+    labels = sm.param_labels(cfg)
     assert set(jax.tree.leaves(labels["prc"])) == {META}
     assert labels["layers"]["q"]["mu_weight"] == MAIN
     g_main, g_meta, _, _ = _gradients(params, batch, cfg)
@@ -279,7 +408,7 @@ def test_prc_is_meta_and_receives_gradient(cfg):
 
 def test_packed_sequences_equal_separate_rows():
     cfg, toks = _DYN, _batch()["inputs"][0]
-    params = spl.init_spl_params(jax.random.key(6), cfg)
+    params = sm.init_spl_params(jax.random.key(6), cfg)
     # Row 0 packs a 5- and a 3-token sequence; rows 1 and 2 hold each one alone, padded.
     inputs = jnp.stack([toks, jnp.pad(toks[:5], (0, 3)), jnp.pad(toks[5:], (0, 5))])
     seg = jnp.array([[1] * 5 + [2] * 3, [1] * 5 + [0] * 3, [1] * 3 + [0] * 5], jnp.int32)
@@ -294,7 +423,7 @@ def test_packed_sequences_equal_separate_rows():
 def test_tiny_model_loss_falls_and_non_finite_is_skipped():
     cfg, batch = _NO_PRC, _batch(seed=7)
     opt, step = _sgd_step(cfg)
-    state = ss.init_spl_state(cfg, jax.random.key(7), opt)
+    state = SPL.init_state(_full(cfg), opt, jax.random.key(7))
     losses = []
     for _ in range(30):
         state, m = step(state, batch)
@@ -304,7 +433,7 @@ def test_tiny_model_loss_falls_and_non_finite_is_skipped():
     assert m["experts/usage_ffn1"].shape == (cfg.dims("ffn1")[1],)
     assert 0.0 < float(m["spl/activation_rate"]) < 1.0
     assert 0.0 < float(m["spl/good_share"]) and 0.0 < float(m["spl/bad_share"])
-    assert float(state.ema_acc) > 0
+    assert float(state.extras) > 0  # the accuracy EMA
     bad = state._replace(params={**state.params, "lm_head": state.params["lm_head"] * jnp.nan})
     kept = jax.tree.map(np.asarray, bad.params)
     bad, m = step(bad, batch)
@@ -314,7 +443,7 @@ def test_tiny_model_loss_falls_and_non_finite_is_skipped():
 
 def test_adaptive_l2_lambda_is_detached():
     cfg = _cfg()
-    params = spl.init_spl_params(jax.random.key(8), cfg)
+    params = sm.init_spl_params(jax.random.key(8), cfg)
     g = jax.jit(jax.grad(lambda p: ms.adaptive_l2(p["layers"], cfg.kinds, cfg.l2_coef)[0]))(params)
     _, lam = ms.adaptive_l2(params["layers"], cfg.kinds, cfg.l2_coef)
     for k in cfg.kinds:

@@ -1,113 +1,100 @@
-"""Model families the training program can run, behind one small interface.
+"""The ``Family`` protocol: what a model family supplies to the one training program.
 
-A family bundles how to build the optimizer and the initial train state, the pure train step,
-the teacher-forced forward used for evaluation, the expert-pool sizes (for sharding and
-dashboards), how to read per-expert rows for the expert dashboard, and an optional host-side
-maintenance hook (the DynMoE expert lifecycle).
+A family implements one method per role, each with one signature:
 
-  dyntrm  DynTRM with DynSIHA+ / DynMoE and SARS (sections model, sars)      step.py
-  spl     SparseProtoLinear, MoIE, Dimension-DynSIHA with M-SAPS (section spl) spl_step.py
-  dynmoe  DynSMHA + GAMoE-gated DynMoE, 1f2b1o PI-adaptive gating (section moe) dynonn_step.py
+  init(key, cfg) -> (params, extras)         fresh parameters (a module's ``pure_params``) and
+                                              the family's extra train-state (or None)
+  param_labels(cfg) -> tree of 'main'/'meta'  from the parameter types (``nn.variables``)
+  expert_axes(cfg) -> tree of int             the declared expert axis per leaf (-1: none)
+  gradients(params, extras, batch, cfg) -> StepOutput
+  logits(params, extras, tokens, cfg, *, positions, segment_ids) -> (B, T, V)
+  num_experts(cfg) -> int                     experts in the pools (dashboards; default 0)
+  maintain(state, cfg, step) -> (state, events)       host side, between steps (default: none)
+  expert_rows(metrics) -> (usage, live)               rows of the expert dashboard
+
+and inherits everything else from ``FamilyBase``: the optimizer (both optax chains, partitioned
+by ``param_labels``), the initial ``TrainState``, the train step (``train_state.train_step``).
+``cfg`` is always the whole ``Config``; ``cfg.model`` is the family's own section.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 import optax
 
-from tinyonn_jax import optim
+from tinyonn_jax import optim, train_state
 from tinyonn_jax.config import Config
-from tinyonn_jax.families.dynonn import model as dynonn
-from tinyonn_jax.families.dynonn import step as dynonn_step
-from tinyonn_jax.families.dyntrm import step as dyntrm_step
-from tinyonn_jax.families.dyntrm import transformer
-from tinyonn_jax.families.spl import model as spl
-from tinyonn_jax.families.spl import step as spl_step
-
-
-class Family(NamedTuple):
-    name: str
-    init_params: Callable[[jax.Array, Config], Any]
-    build_optimizer: Callable[[Config, Any], optax.GradientTransformation]
-    init_state: Callable[[Config, optax.GradientTransformation, jax.Array], Any]
-    train_step: Callable[..., tuple[Any, dict]]  # (state, batch, *, cfg: Config, optimizer)
-    logits: Callable[..., jax.Array]  # (state, params, tokens, cfg, *, positions, segment_ids)
-    expert_pools: Callable[[Config], dict[str, int]]  # site -> pool size
-    maintain: Callable[..., tuple[Any, list]] | None = None  # (state, cfg, step) -> (state, ev)
-    expert_rows: Callable[[dict], tuple[dict, dict | None]] | None = None
+from tinyonn_jax.train_state import StepOutput, TrainState
 
 
 def usage_rows(vectors: dict) -> tuple[dict, None]:
-    """Default: every 1-D ``experts/usage_<site>`` metric is one dashboard row per site."""
+    """Every 1-D ``experts/usage_<site>`` metric is one dashboard row per site."""
     return {k.removeprefix("experts/usage_"): np.asarray(v) for k, v in vectors.items()
             if k.startswith("experts/usage_") and np.ndim(v) == 1}, None
 
 
-def _dyntrm_logits(state, params, tokens, cfg: Config, *, positions=None, segment_ids=None):
-    return transformer.forward(params, tokens, cfg.model, positions=positions,
-                               segment_ids=segment_ids)[0]
+class FamilyBase:
+    """Defaults and the shared roles; a family overrides ``init``, ``param_labels``,
+    ``expert_axes``, ``gradients``, ``logits`` and, when it has them, ``maintain`` and
+    ``expert_rows``."""
 
+    name: str = ""
 
-def _dyntrm_pools(cfg: Config) -> dict[str, int]:
-    """Routed expert pools only (a dense twin has none)."""
-    sites = cfg.model.routed_sites
-    pools = {"attn": cfg.model.num_attn_experts} if "q" in sites else {}
-    if "ffn" in sites:
-        pools["ffn"] = cfg.model.num_ffn_experts
-    return pools
+    def init(self, key: jax.Array, cfg: Config) -> tuple[dict, Any]:
+        raise NotImplementedError
 
+    def param_labels(self, cfg: Config) -> dict:
+        raise NotImplementedError
 
-DYNTRM = Family(
-    name="dyntrm",
-    init_params=lambda key, cfg: transformer.init_params(key, cfg.model),
-    build_optimizer=optim.build_optimizer,
-    init_state=dyntrm_step.init_state,
-    train_step=dyntrm_step.train_step,
-    logits=_dyntrm_logits,
-    expert_pools=_dyntrm_pools,
-)
+    def expert_axes(self, cfg: Config) -> dict:
+        raise NotImplementedError
 
-SPL = Family(
-    name="spl",
-    init_params=lambda key, cfg: spl.init_spl_params(key, cfg.model),
-    build_optimizer=lambda cfg, params: spl_step.build_spl_optimizer(cfg.optim, cfg.meta_optim),
-    init_state=lambda cfg, opt, key: spl_step.init_spl_state(cfg.model, key, opt),
-    train_step=lambda state, batch, *, cfg, optimizer: spl_step.spl_train_step(
-        state, batch, cfg=cfg.model, optimizer=optimizer),
-    logits=lambda state, params, tokens, cfg, *, positions=None, segment_ids=None:
-        spl.spl_forward(params, tokens, cfg.model, positions=positions, segment_ids=segment_ids,
-                        with_stats=False)[0],
-    expert_pools=lambda cfg: {},  # one expert = one output neuron: nothing to shard by pool
-)
+    def gradients(self, params: dict, extras: Any, batch: dict, cfg: Config) -> StepOutput:
+        raise NotImplementedError
 
+    def logits(self, params: dict, extras: Any, tokens: jax.Array, cfg: Config, *,
+               positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+        raise NotImplementedError
 
-def _moe_maintain(state, cfg: Config, step: int):
-    state, events = dynonn_step.maintain(state, cfg.model, step)
-    return state, [(e.step, e.kind, e.expert_id, e.site) for e in events]
+    def num_experts(self, cfg: Config) -> int:
+        """Experts in the model's pools, for the dashboards (0: the family has none)."""
+        return 0
 
+    def maintain(self, state: TrainState, cfg: Config,
+                 step: int) -> tuple[TrainState, list[tuple[int, str, int, str]]]:
+        """Host-side maintenance after ``step``: (state, events (step, kind, expert, site))."""
+        return state, []
 
-DYNONN = Family(
-    name="dynonn",
-    init_params=lambda key, cfg: dynonn.init_params(key, cfg.model),
-    build_optimizer=lambda cfg, params: dynonn_step.build_moe_optimizer(params, cfg.optim,
-                                                                     cfg.meta_optim),
-    init_state=lambda cfg, opt, key: dynonn_step.init_moe_state(cfg.model, opt, key),
-    train_step=lambda state, batch, *, cfg, optimizer: dynonn_step.moe_train_step(
-        state, batch, cfg=cfg.model, optimizer=optimizer),
-    logits=lambda state, params, tokens, cfg, *, positions=None, segment_ids=None:
-        dynonn_step.moe_logits(params, state.pool, tokens, cfg.model, positions=positions,
-                            segment_ids=segment_ids),
-    expert_pools=lambda cfg: {"experts": cfg.model.max_experts},
-    maintain=_moe_maintain,
-    expert_rows=dynonn_step.expert_rows,
-)
+    def expert_rows(self, metrics: dict) -> tuple[dict, dict | None]:
+        """Host side: dashboard rows {site: (P,) usage} and live masks (or None)."""
+        return usage_rows(metrics)
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (DYNTRM, SPL, DYNONN)}
+    # Shared roles: the same for every family.
+    def init_params(self, key: jax.Array, cfg: Config) -> dict:
+        return self.init(key, cfg)[0]
 
+    def build_optimizer(self, cfg: Config) -> optax.GradientTransformation:
+        """``optim`` chain on the ``main`` parameters, ``meta_optim`` on the ``meta`` ones."""
+        return optim.build_optimizer(cfg, self.param_labels(cfg))
 
-def get_family(cfg: Config) -> Family:
-    return FAMILIES[cfg.family]
+    def init_state(self, cfg: Config, optimizer: optax.GradientTransformation,
+                   key: jax.Array) -> TrainState:
+        params, extras = self.init(key, cfg)
+        return train_state.init_state(params, extras, optimizer, cfg.train.ema_decay)
+
+    def train_step(self, state: TrainState, batch: dict, *, cfg: Config,
+                   optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+        return train_state.train_step(state, batch, family=self, cfg=cfg, optimizer=optimizer)
+
+    def make_train_step(self, cfg: Config, optimizer: optax.GradientTransformation, *,
+                        donate: bool = True, in_shardings=None, out_shardings=None):
+        return train_state.make_train_step(self, cfg, optimizer, donate=donate,
+                                           in_shardings=in_shardings,
+                                           out_shardings=out_shardings)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"

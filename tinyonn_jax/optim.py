@@ -15,7 +15,7 @@ import optax
 
 from tinyonn_jax.config import Config, OptimizerConfig
 from tinyonn_jax.errors import ConfigError
-from tinyonn_jax.nn.variables import MAIN, META, param_labels
+from tinyonn_jax.nn.variables import MAIN, META
 
 
 def learning_rate(oc: OptimizerConfig) -> optax.Schedule | float:
@@ -51,10 +51,14 @@ def build_chain(oc: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(*parts, opt)
 
 
-def build_optimizer(cfg: Config, params) -> optax.GradientTransformation:
-    """The main chain on ``main`` params and the meta chain on ``meta`` params."""
+def build_optimizer(cfg: Config, labels) -> optax.GradientTransformation:
+    """The ``optim`` chain on ``main`` leaves and the ``meta_optim`` chain on ``meta`` leaves.
+
+    ``labels`` is the family's tree of group names (``Family.param_labels``), shaped like the
+    parameters.
+    """
     return optax.partition({MAIN: build_chain(cfg.optim), META: build_chain(cfg.meta_optim)},
-                           param_labels(params))
+                           labels)
 
 
 _INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)

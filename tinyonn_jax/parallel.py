@@ -1,8 +1,8 @@
 """Device mesh, sharding rules and multi-host start-up.
 
-The mesh has two axes: ``data`` (batch rows) and ``expert`` (the leading expert axis of stacked
-banks). Parameters are replicated except expert banks and per-expert routing tensors, which are
-split over ``expert`` when the pool size divides evenly; optimizer states follow their
+The mesh has two axes: ``data`` (batch rows) and ``expert`` (the expert axis that every
+expert-stacked parameter declares where it is made, ``nn.variables``). Parameters are replicated
+except those, which are split over ``expert``; optimizer states and the EMA follow their
 parameters. ``jax.jit`` with these in/out shardings is what pjit used to be.
 """
 
@@ -16,8 +16,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tinyonn_jax.config import TrainConfig
+from tinyonn_jax.errors import ConfigError
+from tinyonn_jax.nn.variables import EXPERT
 
-DATA, EXPERT = "data", "expert"
+DATA = "data"
 
 
 def maybe_initialize_distributed() -> None:
@@ -46,25 +48,43 @@ def make_mesh(cfg: TrainConfig, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, expert), (DATA, EXPERT))
 
 
-def _expert_spec(shape: tuple[int, ...], pools: set[int], n_expert: int) -> P:
-    if n_expert > 1 and len(shape) >= 1 and shape[0] in pools and shape[0] % n_expert == 0:
-        return P(EXPERT, *([None] * (len(shape) - 1)))
-    return P()
+def _param_paths(expert_axes) -> dict[tuple[str, ...], int]:
+    """{(dict keys of a parameter leaf): its declared expert axis}."""
+    flat = jax.tree_util.tree_flatten_with_path(expert_axes)[0]
+    return {tuple(str(k.key) for k in path): int(axis) for path, axis in flat}
 
 
-def state_shardings(mesh: Mesh, state_shapes, expert_pools: tuple[int, ...]):
-    """NamedShardings for a whole train state (params and optimizer state alike).
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
-    A leaf whose leading dimension is an expert-pool size and that has at least 2 dimensions
-    (banks (P, Din, F), prototypes (P, d)) or is a gate vector (P,) of a pool is split over the
-    expert axis; everything else is replicated.
+
+def state_shardings(mesh: Mesh, state_shapes, expert_axes):
+    """NamedShardings for a whole train state (params, EMA and optimizer state alike).
+
+    ``expert_axes`` is the family's tree of declared expert axes (``Family.expert_axes``), shaped
+    like the parameters. A leaf whose dict-key path ends with a parameter's path and has that
+    parameter's rank follows it: split over ``expert`` on the declared axis when the mesh has
+    an expert axis, replicated otherwise; everything else (counters, family extras) is
+    replicated. Raises ``ConfigError`` when the expert axis does not divide a declared size.
     """
-    pools, n_exp = set(expert_pools), mesh.shape[EXPERT]
+    paths = _param_paths(expert_axes)
+    n_exp = mesh.shape[EXPERT]
+    by_len = sorted({len(p) for p in paths}, reverse=True)
 
-    def spec(x):
-        return NamedSharding(mesh, _expert_spec(tuple(x.shape), pools, n_exp))
+    def spec(path, x):
+        keys = _dict_keys(path)
+        axis = next((paths[keys[-n:]] for n in by_len if len(keys) >= n and keys[-n:] in paths),
+                    -1)
+        if n_exp == 1 or axis < 0 or axis >= x.ndim:
+            return NamedSharding(mesh, P())
+        if x.shape[axis] % n_exp:
+            raise ConfigError(f"config train.mesh_expert={n_exp} does not divide the "
+                              f"{x.shape[axis]} experts of parameter {'/'.join(keys)}")
+        axes = [None] * x.ndim
+        axes[axis] = EXPERT
+        return NamedSharding(mesh, P(*axes))
 
-    return jax.tree.map(spec, state_shapes)
+    return jax.tree_util.tree_map_with_path(spec, state_shapes)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

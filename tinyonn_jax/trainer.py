@@ -37,9 +37,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import loss as task_loss
-from tinyonn_jax import optim, parallel, validate
+from tinyonn_jax import optim, parallel, train_state, validate
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.batching import BatchStream, pack_sequences
@@ -53,7 +52,8 @@ from tinyonn_jax.data.tasks import (
 )
 from tinyonn_jax.data.tokenizer import serialize_task
 from tinyonn_jax.errors import ConfigError, Interrupted, UserError
-from tinyonn_jax.family import Family, get_family, usage_rows
+from tinyonn_jax.families.registry import get_family
+from tinyonn_jax.family import FamilyBase as Family
 from tinyonn_jax.interrupts import GracefulStop
 from tinyonn_jax.observe import dashboards
 from tinyonn_jax.observe.progress import Progress
@@ -154,7 +154,7 @@ class DataFeed:
 
 def _state_template(family: Family, cfg: Config, optimizer, mesh, key):
     shapes = jax.eval_shape(lambda k: family.init_state(cfg, optimizer, k), key)
-    shardings = parallel.state_shardings(mesh, shapes, tuple(family.expert_pools(cfg).values()))
+    shardings = parallel.state_shardings(mesh, shapes, family.expert_axes(cfg))
     return shapes, shardings
 
 
@@ -174,8 +174,7 @@ def restore_train_state(workdir: str | Path, cfg: Config | None = None,
             cfg = Config.from_dict(c.restore_config(step))
         family = get_family(cfg)
         key = jax.random.key(cfg.train.seed)
-        opt = family.build_optimizer(cfg, jax.eval_shape(lambda k: family.init_params(k, cfg),
-                                                         key))
+        opt = family.build_optimizer(cfg)
         template = jax.eval_shape(lambda k: family.init_state(cfg, opt, k), key)
         state, position, _ = c.restore(template, step=step)
     return state, position, cfg
@@ -201,7 +200,7 @@ def evaluate_held_out(state, params, batches: list[dict], eval_fn) -> dict:
 
 def _eval_metrics(family: Family, cfg: Config):
     def fn(state, params, batch):
-        logits = family.logits(state, params, batch["inputs"], cfg,
+        logits = family.logits(params, state.extras, batch["inputs"], cfg,
                                positions=batch["positions"], segment_ids=batch["segment_ids"])
         return task_loss.eval_metrics(logits, batch)
 
@@ -228,7 +227,9 @@ def check_config(cfg: Config, mesh) -> None:
 def _changed_keys(saved: dict, now: dict) -> list[str]:
     """``section.key`` of every value that differs between two ``Config.to_dict()``."""
     keys = []
-    for section in sorted(set(saved) | set(now)):
+    if saved.get("family", "dyntrm") != now.get("family", "dyntrm"):
+        keys.append("family")
+    for section in sorted((set(saved) | set(now)) - {"family"}):
         a, b = saved.get(section) or {}, now.get(section) or {}
         keys += [f"{section}.{k}" for k in sorted(set(a) | set(b))
                  if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)]
@@ -325,8 +326,7 @@ def _run_locked(cfg: Config, workdir: Path, family: Family, mesh, *, resume: boo
             f"{workdir / BAD_FILES_NAME}")
 
     key = jax.random.key(cfg.train.seed)
-    params_shape = jax.eval_shape(lambda k: family.init_params(k, cfg), key)
-    optimizer = family.build_optimizer(cfg, params_shape)
+    optimizer = family.build_optimizer(cfg)
     shapes, state_sh = _state_template(family, cfg, optimizer, mesh, key)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     try:
@@ -400,7 +400,7 @@ def _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, t
         writer.text(start, "config", f"```\n{config_json}\n```")
     progress = Progress(cfg.train.num_steps, enabled=primary and not quiet, start_step=start)
     _, vocab = _vocab_field(cfg)
-    pools = family.expert_pools(cfg)
+    num_experts = family.num_experts(cfg)
     last: dict[str, Any] = {}
     tokens_since, t_last, steps_since = 0.0, time.perf_counter(), 0
     pos = position or {}
@@ -427,30 +427,29 @@ def _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, t
                     scalars["data/padding_waste"] = feed.stream.padding_waste
                     scalars["data/skipped_sequences"] = feed.skipped
                     scalars["data/bad_task_files"] = bad_files
-                    if pools:
-                        scalars.setdefault("experts/num_experts", float(sum(pools.values())))
+                    if num_experts:
+                        scalars.setdefault("experts/num_experts", float(num_experts))
                     if cfg.train.eval_every and eval_batches and done % cfg.train.eval_every == 0:
                         # The EMA of the parameters when train.ema_decay > 0, else the params.
-                        scalars.update(evaluate_held_out(state, ema_lib.eval_params(state),
+                        scalars.update(evaluate_held_out(state, train_state.eval_params(state),
                                                          eval_batches, eval_fn))
                     last = writer.scalars(done, scalars)
-                    usage, live = (family.expert_rows or usage_rows)(vectors)
+                    usage, live = family.expert_rows(vectors)
                     if usage:
                         expert_log.record(done, usage, live=live)
                     progress.update(done, last, tokens=tokens_since)
                     tokens_since, t_last, steps_since = 0.0, now, 0
                 else:
                     progress.update(done)
-                if family.maintain is not None:
-                    state, events = family.maintain(state, cfg, done)
-                    for ev_step, kind, expert_id, site in events:
-                        expert_log.event(ev_step, kind, expert_id, site=site)
-                    if events and primary:
-                        with open(logdir / LIFECYCLE_NAME, "a", encoding="utf-8") as f:
-                            for ev_step, kind, expert_id, site in events:
-                                f.write(json.dumps({"step": int(ev_step), "kind": kind,
-                                                    "expert": int(expert_id), "site": site})
-                                        + "\n")
+                state, events = family.maintain(state, cfg, done)
+                for ev_step, kind, expert_id, site in events:
+                    expert_log.event(ev_step, kind, expert_id, site=site)
+                if events and primary:
+                    with open(logdir / LIFECYCLE_NAME, "a", encoding="utf-8") as f:
+                        for ev_step, kind, expert_id, site in events:
+                            f.write(json.dumps({"step": int(ev_step), "kind": kind,
+                                                "expert": int(expert_id), "site": site})
+                                    + "\n")
                 if primary and (done % cfg.train.plot_every == 0
                                 or done == cfg.train.num_steps):
                     paths = [dashboards.plot_core_metrics(writer.history, logdir)]

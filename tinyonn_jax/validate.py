@@ -12,7 +12,6 @@ forces a device sync inside a trace. Every check raises ``ValueError``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,26 +133,25 @@ def check_batch(batch: Mapping[str, Any], vocab_size: int) -> None:
     check_token_range(targets, vocab_size, "batch['targets'] (where weights > 0)")
 
 
-@functools.lru_cache(maxsize=64)
-def _expected_params(cfg) -> tuple[Any, tuple[tuple[int, ...], ...], dict[str, tuple[int, ...]]]:
-    """(treedef, leaf shapes, {path: shape}) of ``transformer.init_params(key, cfg)``."""
-    from tinyonn_jax.families.dyntrm import transformer  # lazy: transformer imports this module
+ParamLayout = tuple[Any, tuple[tuple[int, ...], ...], dict[str, tuple[int, ...]]]
 
-    shapes = jax.eval_shape(lambda: transformer.init_params(jax.random.key(0), cfg))
+
+def param_layout(shapes: Any) -> ParamLayout:
+    """(treedef, leaf shapes, {path: shape}) of a parameter tree (arrays or shape structs)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     by_path = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in flat}
     return treedef, tuple(by_path.values()), by_path
 
 
-def check_params(params: Any, cfg) -> None:
-    """Raise ``ValueError`` unless ``params`` has the tree and leaf shapes of the model of ``cfg``.
+def check_params(params: Any, cfg, layout: ParamLayout) -> None:
+    """Raise ``ValueError`` unless ``params`` has the tree and leaf shapes of ``layout``.
 
-    ``cfg`` is a ``ModelConfig``; the expected shapes come from ``jax.eval_shape`` of
-    ``transformer.init_params`` and are cached per config. The message names the first
-    mismatching parameter path with its shape and the expected shape. Static: runs on traced
-    parameters too. Container types may differ when the key paths are the same.
+    ``layout`` is the ``param_layout`` of the model of ``cfg`` (a model config: its hidden width
+    and vocabulary name the model in the message). The message names the first mismatching
+    parameter path with its shape and the expected shape. Static: runs on traced parameters
+    too. Container types may differ when the key paths are the same.
     """
-    want_def, want_shapes, want = _expected_params(cfg)
+    want_def, want_shapes, want = layout
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if treedef == want_def and all(
         tuple(np.shape(a)) == s for a, s in zip(leaves, want_shapes, strict=True)
@@ -191,14 +189,15 @@ def _check_tokens_matrix(tokens: Any, name: str = "tokens") -> tuple[int, int]:
     return shape
 
 
-def check_forward_inputs(params: Any, tokens: Any, cfg, positions: Any = None,
-                         segment_ids: Any = None) -> None:
+def check_forward_inputs(params: Any, tokens: Any, cfg, layout: ParamLayout,
+                         positions: Any = None, segment_ids: Any = None) -> None:
     """The checks of ``transformer.forward`` / ``forward_adaptive``.
 
     ``tokens`` must be an integer (B, T) array with B, T >= 1; ``positions`` and
     ``segment_ids``, when given, integer arrays of the same shape; ``params`` the parameter tree
-    of the model of ``cfg`` (``check_params``). Concrete ``tokens`` are also range-checked
-    against ``cfg.vocab_size``. All but the range check are static and run under ``jax.jit``.
+    of the model of ``cfg`` (``check_params`` against ``layout``). Concrete ``tokens`` are also
+    range-checked against ``cfg.vocab_size``. All but the range check are static and run
+    under ``jax.jit``.
     """
     shape = _check_tokens_matrix(tokens)
     for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
@@ -209,11 +208,12 @@ def check_forward_inputs(params: Any, tokens: Any, cfg, positions: Any = None,
             raise ValueError(f"{name} must have the shape of tokens {shape}, got {got}")
         if not _is_int(arr):
             raise ValueError(f"{name} must have an integer dtype, got {_dtype(arr)}")
-    check_params(params, cfg)
+    check_params(params, cfg, layout)
     check_token_range(tokens, cfg.vocab_size)
 
 
-def check_generate_inputs(params: Any, tokens: Any, lengths: Any, cfg) -> None:
+def check_generate_inputs(params: Any, tokens: Any, lengths: Any, cfg,
+                          layout: ParamLayout) -> None:
     """The checks of ``eval.generate.generate``: ``check_forward_inputs`` for the left-padded
     prompts ``tokens`` (B, Tp), and integer ``lengths`` of shape (B,) with values in [1, Tp]
     (the latter only for concrete ``lengths``)."""
@@ -223,7 +223,7 @@ def check_generate_inputs(params: Any, tokens: Any, lengths: Any, cfg) -> None:
         raise ValueError(f"lengths must have shape (B,) = ({b},) like tokens {(b, tp)}, got {got}")
     if not _is_int(lengths):
         raise ValueError(f"lengths must have an integer dtype, got {_dtype(lengths)}")
-    check_forward_inputs(params, tokens, cfg)
+    check_forward_inputs(params, tokens, cfg, layout)
     if _is_tracer(lengths):
         return
     n = np.asarray(lengths)

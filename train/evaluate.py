@@ -35,8 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from tinyonn_jax import ema as ema_lib
-from tinyonn_jax import optim, validate
+from tinyonn_jax import train_state, validate
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.tasks import load_tasks
@@ -48,8 +47,8 @@ from tinyonn_jax.eval.evaluate import (
     prompt_limit,
 )
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
-from tinyonn_jax.families.dyntrm import step as train_step
-from tinyonn_jax.families.dyntrm import transformer
+from tinyonn_jax.families.dyntrm import modules
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 from tinyonn_jax.runtime import configure_xla_cpu
 from tinyonn_jax.workdir import write_atomic
 
@@ -125,20 +124,19 @@ def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
             raise UserError(f"generation supports the dyntrm family, {where} is a "
                             f"{cfg.family!r} model (config family)")
         key = jax.random.key(cfg.train.seed)
-        shapes = jax.eval_shape(lambda k: transformer.init_params(k, cfg.model), key)
-        optimizer = optim.build_optimizer(cfg, shapes)
-        template = jax.eval_shape(lambda k: train_step.init_state(cfg, optimizer, k), key)
+        optimizer = DYNTRM.build_optimizer(cfg)
+        template = jax.eval_shape(lambda k: DYNTRM.init_state(cfg, optimizer, k), key)
         try:
             state, _, _ = ckpt.restore(template, step=step)
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"the saved train state does not match the one its config builds: "
                             f"{_one_line(e)} ({where})") from e
     try:
-        validate.check_params(state.params, cfg.model)
+        validate.check_params(state.params, cfg.model, modules.param_layout(cfg.model))
     except ValueError as e:
         raise UserError(f"the saved parameters do not fit the saved config: {_one_line(e)} "
                         f"({where})") from None
-    return ema_lib.eval_params(state), cfg, step
+    return train_state.eval_params(state), cfg, step
 
 
 def check_report_path(out: Path) -> None:

@@ -137,7 +137,7 @@ def evaluate_tasks(
     """Evaluate ``tasks`` with augmentation voting and pass@2.
 
     Args:
-      params: model parameters (``transformer.init_params`` layout).
+      params: model parameters (``modules.init_params`` layout).
       cfg: the experiment config; ``cfg.model`` defines the model and ``max_len``.
       tasks: tasks whose test outputs are known (pairs without an answer are counted, not run).
       num_views: views per test pair, the identity view included (>= 1).

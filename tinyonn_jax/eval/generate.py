@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyonn_jax import validate
-from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
-from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha
+from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha, modules
 from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.nn import attention
 from tinyonn_jax.nn.norm import layer_norm
 
@@ -210,7 +210,7 @@ def generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConf
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    validate.check_generate_inputs(params, tokens, lengths, cfg)
+    validate.check_generate_inputs(params, tokens, lengths, cfg, modules.param_layout(cfg))
     return _generate(params, tokens, lengths, cfg, max_new_tokens=max_new_tokens)
 
 

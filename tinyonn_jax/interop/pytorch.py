@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyonn_jax.config import Config, ModelConfig, OptimizerConfig, SarsConfig
-from tinyonn_jax.families.dyntrm import recursion
-from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm import modules
+from tinyonn_jax.nn import variables
 
 EMBED = "embedding.color_embedding.weight"
 LN_WEIGHT, LN_BIAS = "block.ln1.weight", "block.ln1.bias"
@@ -197,7 +197,7 @@ def import_state_dict(sd: Mapping[str, Any] | str | os.PathLike, *, num_heads: i
 
     D, P, V and Dh are inferred from the shapes; ``num_heads`` (H) and ``steps`` (refinement
     steps) are not stored in a state dict. ``params`` has exactly the structure, shapes and dtype
-    (float32) of ``transformer.init_params`` for ``cfg.model``, so ``forward``, the optimizers and
+    (float32) of ``modules.init_params`` for ``cfg.model``, so ``forward``, the optimizers and
     a ``TrainState`` take it unchanged.
     """
     if isinstance(sd, (str, os.PathLike)):
@@ -222,7 +222,7 @@ def import_state_dict(sd: Mapping[str, Any] | str | os.PathLike, *, num_heads: i
         "embed": f32[EMBED],
         "block": {"ln1": {"scale": f32[LN_WEIGHT], "bias": f32[LN_BIAS]}, "attn": attn},
         "lm_head": f32[LM_HEAD].T,
-        "halt": recursion.init_halting(cfg.model),
+        "halt": variables.pure_params(modules.Halting(cfg.model)),  # a fresh head: TRM's start
     }
     return cfg, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
 
@@ -249,7 +249,7 @@ def _config_problems(m: ModelConfig) -> list[str]:
 
 
 def _tree_problems(params: Any, cfg: ModelConfig) -> list[str]:
-    want = jax.eval_shape(lambda k: tr.init_params(k, cfg), jax.random.key(0))
+    want = jax.eval_shape(lambda k: modules.init_params(k, cfg), jax.random.key(0))
     flat_w = {jax.tree_util.keystr(p): tuple(s.shape)
               for p, s in jax.tree_util.tree_flatten_with_path(want)[0]}
     flat_g = {jax.tree_util.keystr(p): tuple(np.shape(a))

@@ -14,6 +14,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from tinyonn_jax.nn import expert_vjps, variables
+from tinyonn_jax.nn.expert_vjps import NUM_STAT_CHANNELS
 
 
 def init_bank(key: jax.Array, num_experts: int, d_in: int, d_hidden: int, d_out: int) -> dict:
@@ -177,7 +181,7 @@ def apply_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
 
     def one_expert(acc, xs):
         w1, w2, zp = xs  # (Din, F), (F, Dout), (Z, N)
-        _, y = _expert_forward(w1, w2, u2)
+        _, y = expert_vjps.expert_forward(w1, w2, u2)
         return acc + zp.astype(jnp.float32)[:, :, None] * y.astype(jnp.float32)[None], None
 
     body = jax.checkpoint(one_expert, policy=SCAN_REMAT[remat], prevent_cse=False)
@@ -187,63 +191,16 @@ def apply_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
 
 
 # --- SARS statistics from the backward pass --------------------------------------------------
-# The per-pair SARS quantities (``sars/surprise.py``) are by-products of the backward pass of
-# ``sum_p z_p E_p(u)``: with gw_p = g W2_p^T, the backward forms dh_p = z_p gw_p * silu'(h_p)
-# and dL/dz_p = <gw_p, a_p> = <g, E_p(u)>. ``apply_scan_stats`` (one weighting: the FFN),
-# ``apply_scan_stats_shared`` (several weightings of one bank: q, k, v of the latent-head
-# library) and ``apply_sparse_stats`` have their own backward rule that returns them, as the
-# cotangent of a zero ``sink``, from the pre-activations their forward kept (or, for narrow
-# experts, recomputed): the statistics cost row norms instead of more matmuls per expert after
-# the backward pass. All loop over experts with ``lax.scan`` (two plain matmuls per expert).
-
-STAT_CHANNELS = ("g_norm_a_norm", "gwd_norm_u_norm", "g_dot_y")  # the sink's last axis
-
-
-def _row_norm(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), -1))
-
-
-def _expert_forward(w1: jax.Array, w2: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One expert on rows x (R, Din): pre-activations h (R, F) and output y (R, Dout)."""
-    h = x @ w1.astype(x.dtype)
-    return h, jax.nn.silu(h) @ w2.astype(x.dtype)
-
-
-def expert_pair_stats(w2: jax.Array, x: jax.Array, h: jax.Array, g: jax.Array):
-    """SARS statistics of one expert for Z output cotangents of the same rows, with the products
-    its backward pass shares with them.
-
-    Rows x (R, Din), pre-activations h = x W1 (R, F), cotangents g (Z, R, Dout). Returns
-    a = silu(h) (R, F), gw = g W2^T and gwd = gw * silu'(h) (Z, R, F), and raw (Z, R, 3):
-    ``STAT_CHANNELS`` per row and cotangent, the last one being <g, E(x)>.
-    """
-    sig = jax.nn.sigmoid(h)
-    a = h * sig
-    gw = jnp.einsum("zro,fo->zrf", g, w2.astype(g.dtype))  # each cotangent through W2
-    gwd = gw * (sig * (1.0 + h * (1.0 - sig)))  # ... and through the SiLU
-    dw = jnp.sum((gw * a).astype(jnp.float32), -1)
-    raw = jnp.stack([_row_norm(g) * _row_norm(a), _row_norm(gwd) * _row_norm(x), dw], -1)
-    return a, gw, gwd, raw
-
-
-def _expert_backward(w1, w2, x, w, h, g):
-    """Backward of ``sum_z w_z[:, None] * E(x)`` for one expert and Z weightings of the same rows:
-    rows x (R, Din), weights w (Z, R), pre-activations h (R, F), output cotangents g (Z, R, Dout).
-
-    Returns dW1, dW2, dx (R, Din) in float32, dw (Z, R) = <g_z, E(x)> and the statistics
-    (Z, R, 3) of every weighting.
-    """
-    a, _, gwd, raw = expert_pair_stats(w2, x, h, g)
-    dh = jnp.einsum("zr,zrf->rf", w.astype(gwd.dtype), gwd)
-    dw1 = (x.T @ dh).astype(w1.dtype)
-    dw2 = (a.T @ jnp.einsum("zr,zro->ro", w.astype(g.dtype), g)).astype(w2.dtype)
-    dx = (dh @ w1.T.astype(dh.dtype)).astype(jnp.float32)
-    return dw1, dw2, dx, raw[..., 2], raw
+# The evaluations above whose backward pass also returns the per-pair SARS statistics, as the
+# cotangent of a zero ``sink`` whose last axis holds ``expert_vjps.StatChannels``: the custom
+# VJPs of ``expert_vjps`` on the flattened rows (``apply_scan_stats``: one weighting, the FFN;
+# ``apply_scan_stats_shared``: q, k, v of the latent-head library) or on the expert slots of
+# a sparse dispatch (``apply_sparse_stats``).
 
 
 def apply_scan_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array) -> jax.Array:
     """``apply_scan`` for one weighting, with a zero ``sink`` (..., P, 3) whose cotangent is,
-    per (row, expert), ``STAT_CHANNELS``: ``||g|| ||a_p||``, ``||gw_p * silu'(h_p)|| ||u||`` and
+    per (row, expert), ``StatChannels``: ``||g|| ||a_p||``, ``||gw_p * silu'(h_p)|| ||u||`` and
     ``<g, E_p(u)>``, g being the cotangent of the output. ``sars.surprise.stats_from_sink``
     turns them into SiteStats. The forward keeps every expert's pre-activations (as ``apply``
     with ``scan`` does); gradients of bank, u and z equal those of ``apply_scan``.
@@ -255,53 +212,16 @@ def apply_scan_stats_shared(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
                             sink: jax.Array, keep_hidden: bool) -> tuple[jax.Array, ...]:
     """``apply_scan`` for several weightings ``zs`` of one bank over the same inputs (the q, k
     and v of the latent-head library), with a zero ``sink`` (..., P, Z, 3): its cotangent
-    holds ``STAT_CHANNELS`` per (row, expert, weighting), each from its own output cotangent.
+    holds ``StatChannels`` per (row, expert, weighting), each from its own output cotangent.
 
     ``keep_hidden``: the forward keeps every expert's pre-activations for the backward (wide
     experts) instead of recomputing them there (narrow experts: one cheap matmul).
     """
     lead, p = u.shape[:-1], zs[0].shape[-1]
     z3 = jnp.stack([z.reshape(-1, p) for z in zs])  # (Z, N, P)
-    out = _scan_stats(keep_hidden, bank["w1"], bank["w2"], u.reshape(-1, u.shape[-1]), z3,
-                      sink.reshape(-1, p, len(zs), len(STAT_CHANNELS)))
+    out = expert_vjps.scan_stats(keep_hidden, bank["w1"], bank["w2"], u.reshape(-1, u.shape[-1]),
+                                 z3, sink.reshape(-1, p, len(zs), NUM_STAT_CHANNELS))
     return tuple(o.reshape(*lead, o.shape[-1]) for o in out)
-
-
-def _scan_stats_fwd(keep_hidden, w1, w2, u, z, sink):
-    del sink
-
-    def one_expert(acc, xs):
-        a1, a2, zp = xs  # (Din, F), (F, Dout), (Z, N)
-        h, y = _expert_forward(a1, a2, u)
-        acc = acc + zp.astype(jnp.float32)[:, :, None] * y.astype(jnp.float32)[None]
-        return acc, h if keep_hidden else None
-
-    acc = jnp.zeros((z.shape[0], u.shape[0], w2.shape[-1]), jnp.float32)
-    acc, hs = jax.lax.scan(one_expert, acc, (w1, w2, jnp.moveaxis(z, -1, 0)))
-    return acc.astype(u.dtype), (w1, w2, u, z, hs)
-
-
-def _scan_stats_bwd(keep_hidden, res, g):
-    w1, w2, u, z, hs = res
-
-    def one_expert(du, xs):
-        a1, a2, zp, h = xs
-        if not keep_hidden:
-            h = u @ a1.astype(u.dtype)
-        dw1, dw2, dx, dz, raw = _expert_backward(a1, a2, u, zp, h, g)
-        return du + dx, (dw1, dw2, dz, raw)
-
-    du, (dw1, dw2, dz, raw) = jax.lax.scan(one_expert, jnp.zeros(u.shape, jnp.float32),
-                                           (w1, w2, jnp.moveaxis(z, -1, 0), hs))
-    # dz (P, Z, N) -> (Z, N, P); raw (P, Z, N, 3) -> the sink's (N, P, Z, 3)
-    return (dw1, dw2, du.astype(u.dtype), jnp.moveaxis(dz, 0, -1).astype(z.dtype),
-            jnp.transpose(raw, (2, 0, 1, 3)))
-
-
-_scan_stats = jax.custom_vjp(
-    lambda keep_hidden, w1, w2, u, z, sink: _scan_stats_fwd(keep_hidden, w1, w2, u, z, sink)[0],
-    nondiff_argnums=(0,))
-_scan_stats.defvjp(_scan_stats_fwd, _scan_stats_bwd)
 
 
 def apply_sparse_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array,
@@ -314,42 +234,14 @@ def apply_sparse_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array,
     """
     lead, p = u.shape[:-1], z.shape[-1]
     u2, z2 = u.reshape(-1, u.shape[-1]), z.reshape(-1, p)
-    s2 = sink.reshape(-1, p, len(STAT_CHANNELS))
+    s2 = sink.reshape(-1, p, NUM_STAT_CHANNELS)
     n = u2.shape[0]
     idx = dispatch_indices(jax.lax.stop_gradient(z2) > 0, capacity(n, frac))  # (P, C)
     sp = jnp.concatenate([s2, jnp.zeros((1, *s2.shape[1:]), s2.dtype)])
     se = sp[idx, jnp.arange(p)[:, None]]  # (P, C, 3): each slot's (row, expert) entry
-    ye = _slots_stats(bank["w1"], bank["w2"], gather_slots(u2, idx), slot_weights(z2, idx), se)
+    ye = expert_vjps.slots_stats(bank["w1"], bank["w2"], gather_slots(u2, idx),
+                                 slot_weights(z2, idx), se)
     return scatter_rows(ye, idx, n).reshape(*lead, ye.shape[-1])
-
-
-def _slots_stats_fwd(w1, w2, xe, we, se):
-    del se
-
-    def one_expert(_, xs):
-        a1, a2, x, w = xs  # (Din, F), (F, Dout), (C, Din), (C,)
-        h, y = _expert_forward(a1, a2, x)
-        return None, ((w.astype(y.dtype)[:, None] * y), h)
-
-    _, (ye, hs) = jax.lax.scan(one_expert, None, (w1, w2, xe, we))
-    return ye, (w1, w2, xe, we, hs)
-
-
-def _slots_stats_bwd(res, ge):
-    w1, w2, xe, we, hs = res
-
-    def one_expert(_, xs):
-        a1, a2, x, w, h, g = xs
-        dw1, dw2, dx, dw, raw = _expert_backward(a1, a2, x, w[None], h, g[None])
-        return None, (dw1, dw2, dx.astype(x.dtype), dw[0].astype(w.dtype), raw[0])
-
-    _, grads = jax.lax.scan(one_expert, None, (w1, w2, xe, we, hs, ge))
-    return grads
-
-
-_slots_stats = jax.custom_vjp(
-    lambda w1, w2, xe, we, se: _slots_stats_fwd(w1, w2, xe, we, se)[0])
-_slots_stats.defvjp(_slots_stats_fwd, _slots_stats_bwd)
 
 
 def apply_with_stats(bank: dict, u: jax.Array, z: jax.Array, sink: jax.Array, dispatch: str,
@@ -384,3 +276,12 @@ def apply(bank: dict, u: jax.Array, z: jax.Array, dispatch: str, frac: float) ->
     if dispatch == "scan":  # one bank of wide experts (the FFN's): matmuls worth keeping
         return apply_scan(bank, u, (z,), remat="save_dots")[0]
     return apply_dense(bank, u, z)
+
+
+class ExpertBank(nnx.Module):
+    """A stacked ExpertMLP bank: ``w1`` (P, Din, F), ``w2`` (P, F, Dout), expert axis 0."""
+
+    def __init__(self, key: jax.Array, num_experts: int, d_in: int, d_hidden: int, d_out: int):
+        bank = init_bank(key, num_experts, d_in, d_hidden, d_out)
+        self.w1 = variables.main(bank["w1"], expert_axis=0)
+        self.w2 = variables.main(bank["w2"], expert_axis=0)

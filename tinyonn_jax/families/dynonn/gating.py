@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.families.dynonn.model import SITES, per_group, per_pass
+from tinyonn_jax.metrics import masked_mean
 from tinyonn_jax.nn import gamoe
 
 _GATE_LEAVES = ("proto_sim", "gates", "gate_log_scale")
@@ -74,10 +75,6 @@ def _informative(mask: jax.Array, s: jax.Array, valid: jax.Array) -> jax.Array:
     return valid * jnp.any(mask & (s > 0), axis=-1)
 
 
-def _mean(x: jax.Array, w: jax.Array) -> jax.Array:
-    w = jnp.broadcast_to(w, x.shape)
-    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
-
 
 def smk_loss(margin: jax.Array, mask: jax.Array, s: jax.Array, valid: jax.Array) -> jax.Array:
     """SurpriseMin loss: ``sum_e p_te S_te / max_routed S_t`` with p the softmax of the gate
@@ -91,7 +88,7 @@ def smk_loss(margin: jax.Array, mask: jax.Array, s: jax.Array, valid: jax.Array)
     s_hat = jnp.where(mask, s / jnp.maximum(s_max, 1e-30), 0.0)
     p = jax.nn.softmax(jnp.where(mask, margin, -1e30), axis=-1)
     per_tok = jnp.sum(jnp.where(mask, p, 0.0) * s_hat, axis=-1)
-    return _mean(per_tok, _informative(mask, s, valid))
+    return masked_mean(per_tok, _informative(mask, s, valid))
 
 
 def gating_acc(margin: jax.Array, mask: jax.Array, s: jax.Array, valid: jax.Array) -> jax.Array:
@@ -99,14 +96,8 @@ def gating_acc(margin: jax.Array, mask: jax.Array, s: jax.Array, valid: jax.Arra
     routed expert of least surprise. margin, mask, s (..., E); valid (...)."""
     pick = jnp.argmax(jnp.where(mask, margin, -jnp.inf), axis=-1)
     best = jnp.argmin(jnp.where(mask, s, jnp.inf), axis=-1)
-    return _mean((pick == best).astype(jnp.float32), _informative(mask, s, valid))
+    return masked_mean((pick == best).astype(jnp.float32), _informative(mask, s, valid))
 
-
-def pi_score(main_loss: jax.Array, tau: jax.Array, s_mean: jax.Array, alpha: float,
-             gamma: float) -> jax.Array:
-    """Predictive integrity ``exp(-alpha ((1 - gamma) L / tau + gamma S))``."""
-    return jnp.exp(-alpha * ((1.0 - gamma) * main_loss / jnp.maximum(tau, 1e-9)
-                             + gamma * s_mean))
 
 
 def lambda_of_pi(pi: jax.Array, threshold: float, sensitivity: float) -> jax.Array:
@@ -155,7 +146,7 @@ def _site_terms(gp: dict, u: jax.Array, mask: jax.Array, homeless: jax.Array, li
     f = jnp.sum(a * v, axis=(0, 1))
     imp = jnp.sum(jax.nn.sigmoid(cos * gamoe.logit_scale(gp)) * live * v, axis=(0, 1))
     n_live = jnp.maximum(jnp.sum(live), 1)
-    sparsity = _mean(jnp.sum(a, axis=-1) / n_live, valid)
+    sparsity = masked_mean(jnp.sum(a, axis=-1) / n_live, valid)
     smk = smk_loss(margin, mask, s, valid)
     n_inf = jnp.sum(_informative(mask, s, valid))
     hits = gating_acc(jax.lax.stop_gradient(margin), mask, s, valid) * n_inf

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
-from tinyonn_jax.families.dynonn.model import EXPERT_AXIS, SITES, init_layers, init_live, per_group
+from tinyonn_jax.families.dynonn.model import SITES, init_live, per_group
+from tinyonn_jax.families.dynonn.modules import expert_axes, init_layers
 from tinyonn_jax.nn import gamoe
 
 EVENT_KINDS = ("remove", "add", "regenerate")
@@ -133,20 +134,27 @@ def _expert_mask(m: jax.Array, axis: int, ndim: int) -> jax.Array:
     return m.reshape(shape)
 
 
-def map_expert_slices(tree, masks: dict, fn: Callable, names=tuple(EXPERT_AXIS)):
+def map_expert_slices(tree, masks: dict, fn: Callable, cfg: DynOnnConfig, *,
+                      names: tuple[str, ...] | None = None):
     """Replace the expert slices selected by ``masks`` {site: (G,E)} in any tree that mirrors
     the parameters (the params, their gradients, or optimizer moments inside an optax state).
 
-    A leaf is per-expert if its path ends in ``['layers'][site][name]`` with ``name`` in
-    ``names`` and its shape matches the layout; ``fn(site, name, leaf)`` gives the new values.
+    A leaf is per-expert if its path ends in ``['layers'][site][name]``, the parameter
+    ``layers.site.name`` declares an expert axis (``modules.expert_axes(cfg)``; axis 0 is G),
+    ``name`` is in ``names`` (default: every such parameter) and its shape matches the layout;
+    ``fn(site, name, leaf)`` gives the new values.
     """
+    layer_axes = expert_axes(cfg)["layers"]
 
     def f(path, leaf):
         keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        if len(keys) < 3 or keys[-3] != "layers" or keys[-2] not in masks or keys[-1] not in names:
+        if len(keys) < 3 or keys[-3] != "layers" or keys[-2] not in masks:
             return leaf
         site, name = keys[-2], keys[-1]
-        m, ax = masks[site], EXPERT_AXIS[name]
+        ax = layer_axes.get(site, {}).get(name, -1)
+        if ax < 0 or (names is not None and name not in names):
+            return leaf
+        m = masks[site]
         if leaf.ndim <= ax or leaf.shape[0] != m.shape[0] or leaf.shape[ax] != m.shape[1]:
             return leaf  # e.g. a factored optimizer statistic: not a per-expert slice
         return jnp.where(_expert_mask(m, ax, leaf.ndim), fn(site, name, leaf), leaf)
@@ -166,9 +174,10 @@ def lifecycle_update(params: dict, opt_state, pool: PoolState, cfg: DynOnnConfig
     reinit = {s: p["regenerate"][s] | p["add"][s] for s in SITES}
     changed = {s: reinit[s] | p["remove"][s] for s in SITES}
     layers = map_expert_slices({"layers": params["layers"]}, reinit,
-                               lambda s, n, leaf: fresh[s][n])["layers"]
+                               lambda s, n, leaf: fresh[s][n], cfg)["layers"]
     params = {**params, "layers": layers}
-    opt_state = map_expert_slices(opt_state, changed, lambda s, n, leaf: jnp.zeros_like(leaf))
+    opt_state = map_expert_slices(opt_state, changed, lambda s, n, leaf: jnp.zeros_like(leaf),
+                                  cfg)
     pool = pool._replace(
         live={s: (pool.live[s] & ~p["remove"][s]) | p["add"][s] for s in SITES},
         history={s: jnp.where(changed[s][None], 0.0, pool.history[s]) for s in SITES},

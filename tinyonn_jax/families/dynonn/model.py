@@ -13,6 +13,7 @@ per-token weights (dense over the pool; zero weights on unrouted and dead expert
 Layers are stacked on a leading group axis G and run with ``lax.scan``: ``structure="stack"``
 scans L distinct layers (G = L), ``structure="recursion"`` applies one layer L times (G = 1,
 the DynTRM recursion). Each application is a *pass*; per-pass residuals are stacked on axis P = L.
+The parameters are the pure-dict form of ``modules.DynOnnModel`` (``modules.init_params``).
 
 Inner/outer rematerialisation (seed 002): LayerNorm and the gates run outside
 ``jax.checkpoint``; the mixing and attention run inside with the routing weights passed in, so a
@@ -29,68 +30,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.nn import gamoe
 from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
-from tinyonn_jax.nn.norm import init_layer_norm, layer_norm
+from tinyonn_jax.nn.norm import layer_norm
 
 SITES = ("attn", "ffn")
-# Axis of the expert slot in every per-expert leaf of params['layers'][site] (axis 0 is G).
-EXPERT_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 1, "w1": 1, "w2": 1, "proto_sim": 2, "gates": 1}
 EXPERT_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")  # trained by the main loss
-
-
-def _normal(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
-    return jax.random.normal(key, shape, jnp.float32) / np.sqrt(fan_in)
-
-
-def _orthogonal(key: jax.Array, n: int, dim: int, cols: int) -> jax.Array:
-    """n independent (dim, cols) matrices with orthonormal columns (rows if cols > dim)."""
-    a = jax.random.normal(key, (n, max(dim, cols), min(dim, cols)), jnp.float32)
-    q, r = jnp.linalg.qr(a)
-    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]  # uniform (Haar)
-    return q if dim >= cols else jnp.swapaxes(q, -1, -2)
-
-
-def init_layer(key: jax.Array, cfg: DynOnnConfig) -> dict:
-    """One layer: LayerNorms, the two gates and the expert banks (E on axis 0).
-
-    All banks come from one normal draw and both prototype matrices from one batched QR,
-    which keeps the traced graph (and the compile of every re-initialisation) small.
-    """
-    k_w, k_p = jax.random.split(key)
-    e, d, hw, f = cfg.max_experts, cfg.hidden, cfg.attn_width, cfg.ffn_hidden
-    shapes = {"wq": ((e, d, hw), d), "wk": ((e, d, hw), d), "wv": ((e, d, hw), d),
-              "wo": ((e, hw, d), hw), "w1": ((e, d, f), d), "w2": ((e, f, d), f)}
-    sizes = [int(np.prod(sh)) for sh, _ in shapes.values()]
-    flat = jax.random.normal(k_w, (sum(sizes),), jnp.float32)
-    banks = {}
-    for (name, (sh, fan_in)), part in zip(shapes.items(),
-                                          jnp.split(flat, np.cumsum(sizes)[:-1]), strict=True):
-        banks[name] = part.reshape(sh) / np.sqrt(fan_in)
-    protos = _orthogonal(k_p, 2, d, e)
-    attn = {**gamoe.gate_params(protos[0], cfg.gate_init_t),
-            **{n: banks[n] for n in ("wq", "wk", "wv", "wo")}}
-    ffn = {**gamoe.gate_params(protos[1], cfg.gate_init_t), "w1": banks["w1"], "w2": banks["w2"]}
-    return {"ln1": init_layer_norm(d), "attn": attn, "ln2": init_layer_norm(d), "ffn": ffn}
-
-
-def init_layers(key: jax.Array, cfg: DynOnnConfig) -> dict:
-    """All G layers stacked on a leading axis (also used to re-initialise experts)."""
-    return jax.vmap(lambda k: init_layer(k, cfg))(jax.random.split(key, cfg.groups))
-
-
-def init_params(key: jax.Array, cfg: DynOnnConfig) -> dict:
-    """Embedding, stacked layers, final LayerNorm and LM head; float32."""
-    k_emb, k_layers, k_head = jax.random.split(key, 3)
-    return {
-        "embed": cfg.init_std * jax.random.normal(k_emb, (cfg.vocab_size, cfg.hidden)),
-        "layers": init_layers(k_layers, cfg),
-        "final_ln": init_layer_norm(cfg.hidden),
-        "lm_head": _normal(k_head, (cfg.hidden, cfg.vocab_size), cfg.hidden),
-    }
 
 
 def init_live(cfg: DynOnnConfig) -> dict[str, jax.Array]:

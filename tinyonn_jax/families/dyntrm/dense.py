@@ -5,8 +5,9 @@ o projections, each (D, D)) with the same RoPE and causal segment-local mask as
 ``model/attention.py``; ``ModelConfig.ffn_kind="swiglu"`` replaces DynMoE by one dense SwiGLU FFN
 ``(silu(u W_gate) * (u W_up)) W_down`` of width ``ModelConfig.swiglu_width``. Everything else
 (embedding, pre-norm residual block, ``lax.scan`` over refinement steps, ACT head, readout) is
-shared, so a comparison isolates routing. A dense sublayer has no expert call site: it adds no
-``u_*``, ``z_*`` or ``k_*`` entry to the block's residuals and takes no probe.
+shared, so a comparison isolates routing. A dense sublayer has no expert call site: its expert
+input and site residuals stay None in the block's ``residuals.StepResiduals`` and it takes no
+probe.
 
 Parameter names avoid the ``proto``/``gate`` prefixes of routing parameters (``params.py``), so
 every dense weight is a ``main`` parameter. ``match_param_count`` picks the dense twin's widths so
@@ -16,26 +17,15 @@ that its parameter count is within 5% of a routed model's.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.families.dyntrm import modules
+from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.nn import attention
 from tinyonn_jax.nn.norm import layer_norm
-
-
-def _linear(key: jax.Array, d_in: int, d_out: int) -> jax.Array:
-    """(d_in, d_out) normal with std 1/sqrt(d_in): the scale of the expert banks and o_proj."""
-    return jax.random.normal(key, (d_in, d_out), jnp.float32) / jnp.sqrt(jnp.float32(d_in))
-
-
-def init_mha(key: jax.Array, cfg: ModelConfig) -> dict:
-    """wq, wk, wv, o_proj: each (D, D)."""
-    kq, kk, kv, ko = jax.random.split(key, 4)
-    d = cfg.hidden
-    return {"wq": _linear(kq, d, d), "wk": _linear(kk, d, d), "wv": _linear(kv, d, d),
-            "o_proj": _linear(ko, d, d)}
 
 
 def mha_qkv(params: dict, xn: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, ...]:
@@ -55,13 +45,6 @@ def mha_core(params: dict, xn: jax.Array, positions: jax.Array, segment_ids: jax
     mask = attention.attention_mask(slots, slots, segment_ids, segment_ids)
     o = attention.dot_product_attention(q, k, v, mask)
     return o.reshape(*o.shape[:2], -1) @ params["o_proj"].astype(o.dtype)
-
-
-def init_swiglu(key: jax.Array, cfg: ModelConfig) -> dict:
-    """w_gate, w_up (D, F) and w_down (F, D) with F = ``cfg.swiglu_width``."""
-    kg, ku, kd = jax.random.split(key, 3)
-    d, f = cfg.hidden, cfg.swiglu_width
-    return {"w_gate": _linear(kg, d, f), "w_up": _linear(ku, d, f), "w_down": _linear(kd, f, d)}
 
 
 def swiglu(params: dict, u: jax.Array) -> jax.Array:
@@ -85,20 +68,10 @@ def swiglu_sublayer(block: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return x + swiglu(block["ffn"], u).astype(x.dtype)
 
 
-
-def routed_sites(cfg: ModelConfig) -> tuple[str, ...]:
-    """Expert call sites that exist under ``cfg`` (``ModelConfig.routed_sites``)."""
-    return cfg.routed_sites
-
-
 def param_count(cfg: ModelConfig) -> int:
-    """Parameters of ``transformer.init_params(cfg)``, from shapes only (nothing allocated)."""
-    from tinyonn_jax.families.dyntrm import (
-        transformer,  # transformer -> recursion -> dense at import
-    )
-
-    shapes = jax.eval_shape(lambda k: transformer.init_params(k, cfg), jax.random.key(0))
-    return transformer.count_params(shapes)
+    """Parameters of ``modules.init_params(cfg)``, from shapes only (nothing allocated)."""
+    shapes = jax.eval_shape(lambda k: modules.init_params(k, cfg), jax.random.key(0))
+    return int(sum(math.prod(a.shape) for a in jax.tree.leaves(shapes)))
 
 
 def _hidden_candidates(cfg: ModelConfig) -> list[int]:

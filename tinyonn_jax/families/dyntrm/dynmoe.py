@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.nn import experts
 from tinyonn_jax.nn.routing import Route, route
-
-
-def init_moe(key: jax.Array, cfg: ModelConfig) -> dict:
-    """Bank W1 (E, D, F), W2 (E, F, D); prototypes (E, D); gates (E,)."""
-    k1, k2 = jax.random.split(key)
-    e, d = cfg.num_ffn_experts, cfg.hidden
-    return {
-        "bank": experts.init_bank(k1, e, d, cfg.ffn_hidden, d),
-        "proto": cfg.init_std * jax.random.normal(k2, (e, d)),
-        "gate": jnp.zeros((e,), jnp.float32),
-    }
 
 
 def route_moe(params: dict, u: jax.Array, cfg: ModelConfig) -> Route:

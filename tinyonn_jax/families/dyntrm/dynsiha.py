@@ -12,24 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.families.dyntrm.config import ModelConfig
+from tinyonn_jax.families.dyntrm.residuals import QKV, Probes
 from tinyonn_jax.nn import experts
 from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
 from tinyonn_jax.nn.routing import Route, route
-
-QKV = ("q", "k", "v")
-
-
-def init_attention(key: jax.Array, cfg: ModelConfig) -> dict:
-    """Library (P, Dh, F) / (P, F, Dh), prototypes (P, Dh), gates (P,) per q/k/v, o_proj (D, D)."""
-    keys = jax.random.split(key, 5)
-    p, dh, d = cfg.num_attn_experts, cfg.head_dim, cfg.hidden
-    params = {"library": experts.init_bank(keys[0], p, dh, cfg.attn_mlp_hidden, dh)}
-    for i, c in enumerate(QKV):
-        params[f"proto_{c}"] = cfg.init_std * jax.random.normal(keys[1 + i], (p, dh))
-        params[f"gate_{c}"] = jnp.zeros((p,), jnp.float32)
-    params["o_proj"] = jax.random.normal(keys[4], (d, d)) / jnp.sqrt(d)
-    return params
 
 
 def route_attention(params: dict, u: jax.Array, cfg: ModelConfig) -> dict[str, Route]:
@@ -56,10 +43,10 @@ def library_stats_in_backward(cfg: ModelConfig) -> bool:
 
 
 def compose_qkv(params: dict, u: jax.Array, z: dict[str, jax.Array],
-                probes: dict[str, jax.Array] | None, dispatch: str = "dense",
+                probes: Probes | None, dispatch: str = "dense",
                 capacity_frac: float = 1.0,
                 stats_sink: jax.Array | None = None) -> dict[str, jax.Array]:
-    """q, k, v (B,T,H,Dh) = sum_p z_c,p E_p(u) (+ zero probe).
+    """q, k, v (B,T,H,Dh) = sum_p z_c,p E_p(u) (+ the zero probe of the site, one step's).
 
     The library is evaluated once and weighted three times. Dense (batched, or one expert at a
     time with ``scan``): on every (token, head, expert); sparse: on the (token, head, expert)
@@ -83,12 +70,12 @@ def compose_qkv(params: dict, u: jax.Array, z: dict[str, jax.Array],
     else:
         y = experts.bank_outputs(params["library"], u)
         outs = tuple(experts.combine(z[c], y) for c in QKV)  # three weightings, one library
-    return {c: a if probes is None else a + probes[c].astype(a.dtype)
+    return {c: a if probes is None else a + probes.site(c).astype(a.dtype)
             for c, a in zip(QKV, outs, strict=True)}
 
 
 def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],
-                   probes: dict[str, jax.Array] | None, positions: jax.Array,
+                   probes: Probes | None, positions: jax.Array,
                    segment_ids: jax.Array, cfg: ModelConfig,
                    stats_sink: jax.Array | None = None) -> jax.Array:
     """Everything after routing: compose q/k/v, RoPE, causal attention, o_proj -> (B,T,D)."""

@@ -15,31 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.config import ModelConfig
 from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha
+from tinyonn_jax.families.dyntrm.config import ModelConfig
+from tinyonn_jax.families.dyntrm.residuals import Probes, SiteResidual, StepResiduals
 from tinyonn_jax.nn import attention, experts
 from tinyonn_jax.nn.context import Context
-from tinyonn_jax.nn.norm import init_layer_norm, layer_norm
+from tinyonn_jax.nn.norm import layer_norm
 
-
-def init_block(key: jax.Array, cfg: ModelConfig) -> dict:
-    k_attn, k_ffn = jax.random.split(key)
-    init_attn = dense.init_mha if cfg.attn_kind == "mha" else dynsiha.init_attention
-    params = {"ln1": init_layer_norm(cfg.hidden), "attn": init_attn(k_attn, cfg)}
-    if cfg.use_ffn:
-        params["ln2"] = init_layer_norm(cfg.hidden)
-        params["ffn"] = (dense.init_swiglu if cfg.ffn_kind == "swiglu" else dynmoe.init_moe)(k_ffn,
-                                                                                         cfg)
-    return params
-
-
-def init_halting(cfg: ModelConfig) -> dict:
-    """Zero weights and a negative q_halt bias: start by refining for all steps (TRM's choice)."""
-    return {"w": jnp.zeros((cfg.hidden, 2), jnp.float32), "b": jnp.array([-5.0, 0.0], jnp.float32)}
-
-
-FFN_STATS = "ffn_stats"  # probe key of the FFN experts' statistics sink (transformer.probe_shapes)
-ATTN_STATS = "attn_stats"  # ... and of the latent-head library's (q, k, v)
 ROUTING_NAME = "routing"  # checkpoint name of the routing decisions (bool masks)
 
 
@@ -50,7 +32,7 @@ def remat_body(fn, policy: str):
     them, so the backward pass reuses the forward's decisions and a recomputation (in bf16,
     with another fusion) can never flip a ``> 0`` decision (seed 002's inner/outer
     checkpointing). The weights are recomputed from the saved masks: saving them too would
-    store a second copy of the ``z_*`` arrays the step already returns for SARS (scan
+    store a second copy of the weights z the step already returns for SARS (scan
     residuals and scan outputs are separate buffers). ``full`` saves nothing else;
     ``save_dots`` also keeps matmul results.
     """
@@ -72,61 +54,63 @@ def halting_logits(params: dict, h: jax.Array, valid: jax.Array) -> jax.Array:
     return pooled.astype(jnp.float32) @ params["w"] + params["b"]
 
 
-def block_step(block: dict, x: jax.Array, probes: dict | None, ctx: Context,
-               cfg: ModelConfig) -> tuple[jax.Array, dict]:
-    """One refinement step. x (B,T,D) -> (x, residuals of every expert call site)."""
+def block_step(block: dict, x: jax.Array, probes: Probes | None, ctx: Context,
+               cfg: ModelConfig) -> tuple[jax.Array, StepResiduals]:
+    """One refinement step. x (B,T,D) -> (x, residuals of every expert call site).
+
+    ``probes`` holds one step's zero probes (no S axis). The returned residuals leave
+    ``hidden``, ``logits`` and ``halt_logits`` None (``refine`` adds them).
+    """
     dt = x.dtype
     # Dense baselines (model/dense.py) have no call site: no u/z/k residuals, no probes.
-    res = {}
+    res = StepResiduals()
     if cfg.attn_kind == "mha":
         x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg)
     else:
         u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
         routes = dynsiha.route_attention(block["attn"], u, cfg)
         z = {c: r.z for c, r in routes.items()}
-        attn_probes = None if probes is None else {c: probes[c] for c in dynsiha.QKV}
-        x = x + dynsiha.attention_core(block["attn"], u, z, attn_probes, ctx.positions,
+        x = x + dynsiha.attention_core(block["attn"], u, z, probes, ctx.positions,
                                          ctx.segment_ids, cfg,
-                                         None if probes is None else probes.get(ATTN_STATS)
+                                         None if probes is None else probes.attn_stats
                                          ).astype(dt)
-        res = {"u_attn": u}
-        for c, r in routes.items():
-            res[f"z_{c}"], res[f"mask_{c}"], res[f"k_{c}"] = r.z, r.mask, r.k
+        overflow = dict.fromkeys(routes)
         if cfg.attn_dispatch == "sparse":  # q, k, v share one dispatch of the library
             cap = experts.capacity(u.size // u.shape[-1], cfg.attn_capacity)
             kept = experts.kept_pairs(experts.union_mask([r.z > 0 for r in routes.values()]), cap)
-            for c, r in routes.items():
-                res[f"overflow_{c}"] = experts.dropped_count(r.z > 0, kept)
+            overflow = {c: experts.dropped_count(r.z > 0, kept) for c, r in routes.items()}
+        res = res._replace(u_attn=u, **{c: SiteResidual(r.z, r.mask, r.k, overflow[c])
+                                        for c, r in routes.items()})
     if cfg.use_ffn and cfg.ffn_kind == "swiglu":
         x = dense.swiglu_sublayer(block, x, cfg)
     elif cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
         rf = dynmoe.route_moe(block["ffn"], uf, cfg)
-        x = x + dynmoe.moe_core(block["ffn"], uf, rf.z, None if probes is None else probes["ffn"],
+        x = x + dynmoe.moe_core(block["ffn"], uf, rf.z, None if probes is None else probes.ffn,
                              cfg.ffn_dispatch, cfg.capacity_frac,
-                             None if probes is None else probes.get(FFN_STATS)).astype(dt)
-        res.update(u_ffn=uf, z_ffn=rf.z, mask_ffn=rf.mask, k_ffn=rf.k)
+                             None if probes is None else probes.ffn_stats).astype(dt)
+        overflow_f = None
         if cfg.ffn_dispatch == "sparse":
             cap_f = experts.capacity(uf.size // uf.shape[-1], cfg.capacity_frac)
-            res["overflow_ffn"] = experts.overflow_count(rf.z > 0, cap_f)
+            overflow_f = experts.overflow_count(rf.z > 0, cap_f)
+        res = res._replace(u_ffn=uf, ffn=SiteResidual(rf.z, rf.mask, rf.k, overflow_f))
     return x, res
 
 
 def refine(params: dict, x: jax.Array, ctx: Context, cfg: ModelConfig,
-           probes: dict | None, readout) -> tuple[jax.Array, dict]:
+           probes: Probes | None, readout) -> tuple[jax.Array, StepResiduals]:
     """Scan the shared block over ``max_refinement_steps``.
 
-    ``readout(params, x) -> (h_norm, logits)`` is applied after every step. Returns the final
-    hidden state and per-step residuals stacked on a leading step axis S.
+    ``readout(params, x) -> (h_norm, logits)`` is applied after every step. ``probes`` (or None)
+    carry a leading S axis. Returns the final hidden state (B,T,D) and the per-step residuals
+    stacked on a leading step axis S.
     """
 
     def body(x, probes_s):
         x, res = block_step(params["block"], x, probes_s, ctx, cfg)
         h, logits = readout(params, x)
-        res["logits"] = logits
-        res["halt_logits"] = halting_logits(params["halt"], h, ctx.valid)
-        res["hidden"] = x
-        return x, res
+        halt = halting_logits(params["halt"], h, ctx.valid)
+        return x, res._replace(logits=logits, halt_logits=halt, hidden=x)
 
     return jax.lax.scan(remat_body(body, cfg.remat), x, probes, length=cfg.max_refinement_steps)
 

@@ -1,56 +1,41 @@
-"""TrainState and the pure ``train_step(state, batch) -> (state, metrics)``.
+"""The DynTRM family's step: gradients of the main and meta losses, and the family's metrics.
 
 One step = one forward with zero probes on every expert call site, one backward (``jax.vjp``)
-giving the main gradient and every site's output cotangent, the closed-form SARS statistics, the
-meta loss on the routing parameters, and one partitioned optax update (main chain on ``main``,
-meta chain on ``meta``). A non-finite loss, gradient, new parameter or new optimizer state
-skips the update (``optim.guarded_update``) and is counted.
+giving the main gradient and every site's output cotangent, the closed-form SARS statistics and
+the meta loss on the routing parameters (``sars.engine``). ``gradients`` returns their sum and
+the metrics; ``train_state.apply_update`` applies it (main chain on ``main``, meta chain on
+``meta``; a non-finite loss, gradient or update is skipped and counted).
 
 Dense baselines (``model.attn_kind="mha"`` / ``model.ffn_kind="swiglu"``) have fewer call sites
-or none; SARS covers the sites that exist (``ModelConfig.routed_sites``), off without any. Options
-of TRM: deep supervision (``train.deep_supervision``) and an EMA of the parameters
-(``train.ema_decay``), kept in the state for evaluation.
+or none; SARS covers the sites that exist (``ModelConfig.routed_sites``), off without any. TRM's
+deep supervision is ``train.deep_supervision``.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tinyonn_jax import ema as ema_lib
 from tinyonn_jax import loss as task_loss
-from tinyonn_jax import optim
+from tinyonn_jax import metrics
 from tinyonn_jax.config import Config
+from tinyonn_jax.families.dyntrm import modules
 from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.residuals import QKV, Aux, Probes
 from tinyonn_jax.families.dyntrm.sars import engine
-from tinyonn_jax.nn.variables import META, param_labels
+from tinyonn_jax.nn import variables
+from tinyonn_jax.nn.variables import META
+from tinyonn_jax.train_state import StepOutput
 
 Batch = dict  # inputs, targets, weights, segment_ids, positions: all (B, T)
 
 
-class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar
-    params: dict
-    opt_state: optax.OptState
-    skipped: jax.Array  # int32 scalar: updates skipped because of a non-finite loss/gradient
-    ema: Any = None  # EMA of params (train.ema_decay > 0), else None (no leaves to checkpoint)
 
 
-def init_state(cfg: Config, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    params = tr.init_params(key, cfg.model)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                      skipped=jnp.int32(0), ema=ema_lib.init_ema(params, cfg.train.ema_decay))
-
-
-def _stop_group(params: dict, labels: dict, group: str) -> dict:
-    return jax.tree.map(lambda x, lab: jax.lax.stop_gradient(x) if lab == group else x,
-                        params, labels)
-
-
-def main_objective(params: dict, probes: dict | None, batch: Batch, cfg: Config):
+def main_objective(params: dict, probes: Probes | None, batch: Batch, cfg: Config):
     """CE + w_act * ACT loss. Returns (loss, (logits, aux, parts)).
 
     The CE is the final step's, or with ``train.deep_supervision`` the weighted mean of every
@@ -59,13 +44,13 @@ def main_objective(params: dict, probes: dict | None, batch: Batch, cfg: Config)
     logits, aux = tr.forward(params, batch["inputs"], cfg.model, positions=batch["positions"],
                              segment_ids=batch["segment_ids"], probes=probes)
     ce = task_loss.cross_entropy(logits, batch["targets"], batch["weights"])
-    act = task_loss.act_loss(aux["halt_logits"], aux["logits"], batch["targets"],
+    act = task_loss.act_loss(aux.steps.halt_logits, aux.steps.logits, batch["targets"],
                              batch["weights"])
     parts = {"ce": ce, "act": act}
     task = ce
     if cfg.train.deep_supervision:
-        task = task_loss.deep_supervision_loss(aux["logits"], batch["targets"], batch["weights"],
-                                               cfg.train.deep_supervision)
+        task = task_loss.deep_supervision_loss(aux.steps.logits, batch["targets"],
+                                               batch["weights"], cfg.train.deep_supervision)
         parts["deep_ce"] = task
     return task + cfg.sars.w_act * act, (logits, aux, parts)
 
@@ -77,11 +62,11 @@ class Gradients(NamedTuple):
     g_main: dict  # params-shaped gradient of the main objective
     g_meta: dict  # params-shaped gradient of w_meta * meta loss (routing leaves only)
     logits: jax.Array  # (B, T, V) final refinement step
-    aux: dict  # forward residuals (see transformer.forward)
+    aux: Aux  # forward residuals (see transformer.forward)
     parts: dict  # loss components
     sars_metrics: dict  # scalar SARS summaries ({} when SARS is off)
-    g_probes: dict | None  # dL/dA of every expert call site, (S, ...) per site, and the
-    # SARS statistics of the sinks (recursion.FFN_STATS / ATTN_STATS) when the probes have them
+    g_probes: Probes | None  # dL/dA of every expert call site, (S, ...) per site, and the
+    # SARS statistics of the sinks (ffn_stats / attn_stats) when the probes have them
     meta_loss: jax.Array
 
 
@@ -91,10 +76,10 @@ def compute_gradients(params: dict, batch: Batch, cfg: Config) -> Gradients:
     With ``sars.isolate`` the main loss reaches only ``main`` params and the meta loss only
     ``meta`` params; otherwise the main loss also trains routing params (the original DynTRM).
     """
-    labels = param_labels(params)
+    labels = modules.param_labels(cfg.model)
 
     def isolate_main(p):  # stop_gradient inside the differentiated function
-        return _stop_group(p, labels, META) if cfg.sars.isolate else p
+        return variables.stop_group(p, labels, META) if cfg.sars.isolate else p
 
     b, t = batch["inputs"].shape
     if not cfg.sars.enabled or not cfg.model.routed_sites:
@@ -116,31 +101,17 @@ def compute_gradients(params: dict, batch: Batch, cfg: Config) -> Gradients:
                      res.meta_loss)
 
 
-def _global_norm(tree) -> jax.Array:
-    return optax.tree.norm(tree)
-
-
-def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
-    w = jnp.broadcast_to(w, x.shape)
-    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
-
 
 def step_metrics(cfg: Config, batch: Batch, logits, aux, parts, sars_metrics, meta_loss, loss,
                  g_main, g_meta) -> dict:
     """Flat dict of scalars (and per-expert usage vectors under 'experts/')."""
-    w = batch["weights"]
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, -1)
-    tau = _masked_mean(-jnp.sum(probs * jnp.log(probs + 1e-30), -1), w)
     m = {
         "train/loss": loss, "train/main_loss": parts["ce"], "train/act_loss": parts["act"],
-        "train/token_acc": _masked_mean(task_loss.token_correct(logits, batch["targets"]), w),
-        "train/exact_acc": jnp.mean(task_loss.row_exact(logits, batch["targets"], w)),
-        "train/tau": tau, "train/meta_loss": meta_loss,
-        "train/grad_norm_main": _global_norm(g_main), "train/grad_norm_meta": _global_norm(g_meta),
-        "train/tokens": jnp.sum(valid),
+        "train/meta_loss": meta_loss, "train/grad_norm_main": optax.tree.norm(g_main),
+        "train/grad_norm_meta": optax.tree.norm(g_meta), **metrics.task_metrics(logits, batch),
     }
-    q = aux["halt_logits"]
+    q = aux.steps.halt_logits
     halt = jax.nn.sigmoid(q[..., 0] - q[..., 1]) > cfg.model.halt_threshold  # (S,B)
     s = halt.shape[0]
     first = jnp.where(jnp.any(halt, 0), jnp.argmax(halt, 0) + 1, s)
@@ -150,63 +121,35 @@ def step_metrics(cfg: Config, batch: Batch, logits, aux, parts, sars_metrics, me
     present = cfg.model.routed_sites  # dense sublayers have no routing to report
     pools = {"q": cfg.model.num_attn_experts, "k": cfg.model.num_attn_experts,
              "v": cfg.model.num_attn_experts, "ffn": cfg.model.num_ffn_experts}
-    sites = {site: aux[f"k_{site}"] for site in present}
-    for site, k in sites.items():
-        vw = valid.reshape(1, *valid.shape, *([1] * (k.ndim - 3)))
-        avg_k = _masked_mean(k.astype(jnp.float32), vw)
+    sites = {site: aux.steps.site(site) for site in present}
+    for site, r in sites.items():
+        vw = valid.reshape(1, *valid.shape, *([1] * (r.k.ndim - 3)))
+        avg_k = metrics.masked_mean(r.k.astype(jnp.float32), vw)
         m[f"route/avg_k/{site}"] = avg_k
         m[f"route/active_frac/{site}"] = avg_k / pools[site]
-        if f"overflow_{site}" in aux:  # sparse dispatch: active pairs dropped for capacity
-            m[f"route/overflow/{site}"] = jnp.sum(aux[f"overflow_{site}"]).astype(jnp.float32)
+        if r.overflow is not None:  # sparse dispatch: active pairs dropped for capacity
+            m[f"route/overflow/{site}"] = jnp.sum(r.overflow).astype(jnp.float32)
     vt = valid.reshape(1, *valid.shape, 1, 1)
     if "q" in present:
         m["experts/usage_attn"] = jnp.mean(jnp.stack(
-            [jnp.sum(aux[f"mask_{c}"] * vt, axis=(0, 1, 2, 3)) for c in "qkv"]),
+            [jnp.sum(aux.steps.site(c).mask * vt, axis=(0, 1, 2, 3)) for c in QKV]),
             0) / jnp.maximum(jnp.sum(valid) * s * cfg.model.num_heads, 1.0)
     if "ffn" in present:
-        m["experts/usage_ffn"] = jnp.sum(aux["mask_ffn"] * valid[None, ..., None],
+        m["experts/usage_ffn"] = jnp.sum(aux.steps.ffn.mask * valid[None, ..., None],
                                          axis=(0, 1, 2)) / jnp.maximum(jnp.sum(valid) * s, 1.0)
     m.update(sars_metrics)
     surprise_s = sars_metrics.get("sars/C_mean", jnp.float32(0.0))
     m["sars/surprise"] = surprise_s
-    sc = cfg.sars
-    m["sars/pi_score"] = jnp.exp(-sc.pi_alpha * ((1 - sc.pi_gamma) * parts["ce"] / (tau + 1e-9)
-                                                 + sc.pi_gamma * surprise_s))
+    m["sars/pi_score"] = metrics.pi_score(parts["ce"], m["train/tau"], surprise_s,
+                                          cfg.sars.pi_alpha, cfg.sars.pi_gamma)
     return m
 
 
-def train_step(state: TrainState, batch: Batch, *, cfg: Config,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """Pure: forward, both backward passes, both updates. Skips non-finite updates."""
-    loss, g_main, g_meta, logits, aux, parts, sars_metrics, _, meta_loss = compute_gradients(
-        state.params, batch, cfg)
-    grads = jax.tree.map(jnp.add, g_main, g_meta)
-    params, opt_state, ok = optim.guarded_update(optimizer, grads, state.opt_state, state.params,
-                                                 jnp.isfinite(loss) & jnp.isfinite(meta_loss))
-    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    ema = state.ema
-    if ema is not None:  # a skipped update leaves params, hence the average, unchanged
-        ema = jax.tree.map(keep, ema_lib.update_ema(ema, params, cfg.train.ema_decay), ema)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        skipped=state.skipped + (~ok).astype(jnp.int32),
-        ema=ema,
-    )
-    metrics = step_metrics(cfg, batch, logits, aux, parts, sars_metrics, meta_loss, loss, g_main,
-                           g_meta)
-    metrics["train/skipped"] = new_state.skipped
-    metrics["train/update_ok"] = ok.astype(jnp.float32)
-    metrics.update(optim.learning_rates(opt_state))
-    return new_state, metrics
+def gradients(params: dict, extras: None, batch: Batch, cfg: Config) -> StepOutput:
+    """The family's role in the train step: summed main + meta gradient, finiteness, metrics."""
+    g = compute_gradients(params, batch, cfg)
+    m = step_metrics(cfg, batch, g.logits, g.aux, g.parts, g.sars_metrics, g.meta_loss, g.loss,
+                     g.g_main, g.g_meta)
+    return StepOutput(grads=jax.tree.map(jnp.add, g.g_main, g.g_meta),
+                      losses_finite=jnp.isfinite(g.loss) & jnp.isfinite(g.meta_loss), metrics=m)
 
-
-def make_train_step(cfg: Config, optimizer: optax.GradientTransformation, *,
-                    in_shardings=None, out_shardings=None, donate: bool = True):
-    """``jax.jit`` of ``train_step`` with the state donated (and shardings when given)."""
-    fn = lambda state, batch: train_step(state, batch, cfg=cfg, optimizer=optimizer)  # noqa: E731
-    kwargs = {}
-    if in_shardings is not None:
-        kwargs.update(in_shardings=in_shardings, out_shardings=out_shardings)
-    return jax.jit(fn, donate_argnums=(0,) if donate else (), **kwargs)

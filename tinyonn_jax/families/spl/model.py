@@ -14,6 +14,9 @@ in the prototype pathway (the "encoder"), so its parameters ``prc_*`` belong to 
 and are trained by the M-SAPS prototype loss, which is a function of ``P_eff`` (the original put
 them in the computation group behind a hard mask, where they never received a gradient).
 
+The parameters are owned by the NNX modules of ``modules.py`` (their types give the groups); the
+functions here take their pure-dict form (``variables.pure_params``).
+
 The model: embedding -> L pre-norm blocks (Dimension-DynSIHA: one causal head whose q, k, v, o
 are SPL layers; MoIE: SPL d -> m*d -> d) -> final LN -> LM head. ``recursion="stacked"`` scans
 over L distinct layers; ``"dyntrm"`` scans one shared block over ``steps`` refinement steps, PRC
@@ -25,16 +28,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tinyonn_jax.families.spl.config import SplConfig
 from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
 from tinyonn_jax.nn.context import Context, make_context
-from tinyonn_jax.nn.norm import init_layer_norm, layer_norm
-from tinyonn_jax.nn.variables import META, param_labels
-
-_PRC_PREFIX = "prc"
-
+from tinyonn_jax.nn.norm import layer_norm
 
 # ----------------------------------------------------------------------------- SPL layer
 
@@ -49,18 +47,6 @@ def _ste_mask_jvp(primals, tangents):
     # Straight-through: forward 1[raw > 0] exactly, backward the identity into raw.
     (raw,), (t,) = primals, tangents
     return _ste_mask(raw), t
-
-
-def init_spl(key: jax.Array, d_in: int, d_out: int, *, init_std: float = 0.02) -> dict:
-    """One SPL layer: mu_weight (N, in) fan-in scaled, mu_bias (N,), proto_weight (N, in) with
-    std ``init_std``, gate_param (N, in) zero (cost 0: routing starts as cos > 0, about half on)."""
-    k_mu, k_p = jax.random.split(key)
-    return {
-        "mu_weight": jax.random.normal(k_mu, (d_out, d_in)) / np.sqrt(d_in),
-        "mu_bias": jnp.zeros((d_out,), jnp.float32),
-        "proto_weight": init_std * jax.random.normal(k_p, (d_out, d_in)),
-        "gate_param": jnp.zeros((d_out, d_in), jnp.float32),
-    }
 
 
 def _unit(v: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -113,19 +99,6 @@ def spl_apply(params: dict, x: jax.Array, mode: str, *, activation: str = "linea
 # ----------------------------------------------------------------------------- PRC
 
 
-def init_prc(key: jax.Array, n: int, d_in: int, *, init_std: float = 0.02) -> dict:
-    """n PRC transforms: prc_weight (n, in, in) and LN prc_scale / prc_bias (n, in).
-
-    The LN scale starts at ``init_std`` so the residual term has the prototypes' own row scale
-    instead of swamping them (an LN output row has norm sqrt(in)).
-    """
-    return {
-        "prc_weight": jax.random.normal(key, (n, d_in, d_in)) / np.sqrt(d_in),
-        "prc_scale": jnp.full((n, d_in), init_std, jnp.float32),
-        "prc_bias": jnp.zeros((n, d_in), jnp.float32),
-    }
-
-
 def prc_transform(prc: dict, p_prev: jax.Array, eps: float) -> jax.Array:
     """LN(P_prev W^T) for one transform: prc leaves without the leading axis, p_prev (N, in)."""
     y = p_prev @ prc["prc_weight"].T
@@ -160,43 +133,6 @@ def effective_prototypes(params: dict, cfg: SplConfig) -> dict[str, jax.Array]:
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def init_spl_params(key: jax.Array, cfg: SplConfig) -> dict:
-    """embed (V, D), layers (leaves with leading axis L_p), prc (per kind), final_ln, lm_head."""
-    k_emb, k_layers, k_prc, k_head = jax.random.split(key, 4)
-
-    def init_layer(k):
-        ks = jax.random.split(k, len(cfg.kinds))
-        lp = {"ln1": init_layer_norm(cfg.hidden)}
-        if cfg.use_moie:
-            lp["ln2"] = init_layer_norm(cfg.hidden)
-        for kind, kk in zip(cfg.kinds, ks, strict=True):
-            lp[kind] = init_spl(kk, *cfg.dims(kind), init_std=cfg.init_std)
-        return lp
-
-    params = {
-        "embed": cfg.init_std * jax.random.normal(k_emb, (cfg.vocab_size, cfg.hidden)),
-        "layers": jax.vmap(init_layer)(jax.random.split(k_layers, cfg.num_param_layers)),
-        "lm_head": jax.random.normal(k_head, (cfg.hidden, cfg.vocab_size)) / np.sqrt(cfg.hidden),
-    }
-    if cfg.num_prc:
-        ks = jax.random.split(k_prc, len(cfg.kinds))
-        params["prc"] = {kind: init_prc(kk, cfg.num_prc, cfg.dims(kind)[0], init_std=cfg.init_std)
-                         for kind, kk in zip(cfg.kinds, ks, strict=True)}
-    if cfg.final_norm:
-        params["final_ln"] = init_layer_norm(cfg.hidden)
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-
-
-def spl_param_labels(params: dict) -> dict:
-    """'main' / 'meta' per leaf: the rule of ``params.param_labels`` plus ``prc_*`` -> meta."""
-
-    def relabel(path, lab):
-        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
-        return META if name.startswith(_PRC_PREFIX) else lab
-
-    return jax.tree_util.tree_map_with_path(relabel, param_labels(params))
 
 
 def spl_probe_shapes(cfg: SplConfig, batch: int, length: int) -> dict[str, tuple[int, ...]]:

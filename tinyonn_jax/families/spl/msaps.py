@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.families.spl.config import SplConfig
-from tinyonn_jax.families.spl.model import activate, effective_prototypes, spl_param_labels
+from tinyonn_jax.families.spl.model import activate, effective_prototypes
+from tinyonn_jax.families.spl.modules import param_labels
 from tinyonn_jax.nn.variables import MAIN, META, select
 
 
@@ -157,7 +158,7 @@ def msaps(params: dict, g_main: dict, aux: dict, ema_acc: jax.Array,
     gradient on ``main`` leaves, info: losses and per-kind statistics). Protection is *not*
     applied here: the caller scales the total proto gradient with ``info['protection']``.
     """
-    labels = spl_param_labels(params)
+    labels = param_labels(cfg)
     lp, kinds = cfg.num_param_layers, cfg.kinds
     st = aux["stats"]
     mu_s = {k: jax.lax.stop_gradient(row_norms(g_main["layers"][k]["mu_weight"])) for k in kinds}

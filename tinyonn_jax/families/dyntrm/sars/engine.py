@@ -2,14 +2,14 @@
 
 ``lax.scan`` over steps: for each step the closed-form per-token statistics of every call site
 (``surprise``; those of the FFN experts under the ``scan`` and ``sparse`` evaluations, and of the
-latent-head library when ``attention.library_stats_in_backward``, come ready from their own
+latent-head library when ``dynsiha.library_stats_in_backward``, come ready from their own
 backward pass, ``experts.apply_with_stats`` / ``experts.apply_scan_stats_shared``), the
 goodness, the meta loss of that step and its gradient with respect to the routing parameters,
 and running sums for the metrics. Per step and site it reads the expert inputs u, the bool
 routing decisions and the probe cotangents (or the statistics sinks); the routing weights z
 are rebuilt from u and the decisions (a small matmul) rather than kept in f32 for every step.
 Nothing else of size (S, tokens, experts) is kept: the FFN experts' statistics sink is, and the
-latent-head library's only without remat (``attention.library_stats_in_backward``), so under
+latent-head library's only without remat (``dynsiha.library_stats_in_backward``), so under
 remat the memory of a SARS step grows with the refinement steps as slowly as the main step's.
 """
 
@@ -20,8 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.families.dyntrm.recursion import ATTN_STATS, FFN_STATS
+from tinyonn_jax.families.dyntrm.config import ModelConfig
+from tinyonn_jax.families.dyntrm.residuals import QKV, Aux, Probes, StepResiduals
 from tinyonn_jax.families.dyntrm.sars import losses, surprise
 from tinyonn_jax.nn import routing
 
@@ -32,10 +32,18 @@ class SarsResult(NamedTuple):
     metrics: dict  # scalars: sars/C_mean[/site], sars/O_mean, sars/goodness_{pos,neg,zero}
 
 
+class _StepInputs(NamedTuple):
+    """What the SARS pass reads of one refinement step (``lax.scan`` slices off the S axis)."""
+
+    inputs: StepResiduals  # only the expert inputs u_attn (B,T,H,Dh) and u_ffn (B,T,D)
+    masks: dict[str, jax.Array]  # site -> (B,T,H,P) / (B,T,E) bool routing decisions
+    g: Probes  # the output cotangents the statistics need (others None) and the sinks'
+
+
 def _router_leaves(params: dict, cfg: ModelConfig) -> dict:
     """{site: {'proto': ..., 'gate': ...}} of every routed call site."""
-    return {site: {"proto": proto, "gate": gate}
-            for site, (proto, gate, *_) in losses.site_routers(params, cfg).items()}
+    return {site: {"proto": r.proto, "gate": r.gate}
+            for site, r in losses.site_routers(params, cfg).items()}
 
 
 def _scatter_router_grads(params: dict, g: dict, cfg: ModelConfig) -> dict:
@@ -51,80 +59,84 @@ def _scatter_router_grads(params: dict, g: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def _step_stats(params: dict, x: dict, cfg: ModelConfig, importance: str) -> dict:
+def _step_stats(params: dict, x: _StepInputs, z: dict[str, jax.Array], cfg: ModelConfig,
+                importance: str) -> dict:
+    """SiteStats of every routed site of one step; z: site -> its routing weights."""
     block = params["block"]
     stats = {}
-    attn_sites = [c for c in ("q", "k", "v") if f"z_{c}" in x]
-    if "s_attn" in x:  # the library's backward pass computed them (attention.compose_qkv)
+    attn_sites = [c for c in QKV if c in z]
+    if x.g.attn_stats is not None:  # the library's backward pass computed them
         stats.update(zip(attn_sites, surprise.stats_from_shared_sink(
-            tuple(x[f"z_{c}"] for c in attn_sites), tuple(x.get(f"g_{c}") for c in attn_sites),
-            x["s_attn"], importance), strict=True))
+            tuple(z[c] for c in attn_sites), tuple(x.g.site(c) for c in attn_sites),
+            x.g.attn_stats, importance), strict=True))
     elif attn_sites:
         lib = block["attn"]["library"]
-        zs = tuple(x[f"z_{c}"] for c in attn_sites)
-        gs = tuple(x[f"g_{c}"] for c in attn_sites)
+        zs = tuple(z[c] for c in attn_sites)
+        gs = tuple(x.g.site(c) for c in attn_sites)
+        u = x.inputs.u_attn
         if cfg.attn_dispatch == "sparse":  # the forward's shared dispatch of q, k, v
-            got = surprise.token_stats_sparse_shared(lib, x["u_attn"], zs, gs, cfg.attn_capacity,
+            got = surprise.token_stats_sparse_shared(lib, u, zs, gs, cfg.attn_capacity,
                                                      importance)
         else:
-            got = surprise.dense_token_stats(lib, x["u_attn"], zs, gs, importance,
-                                             cfg.attn_dispatch)
+            got = surprise.dense_token_stats(lib, u, zs, gs, importance, cfg.attn_dispatch)
         stats.update(zip(attn_sites, got, strict=True))
-    if "s_ffn" in x:  # the FFN experts' backward pass computed them (experts.apply_with_stats)
-        stats["ffn"] = surprise.stats_from_sink(x["z_ffn"], x.get("g_ffn"), x["s_ffn"],
-                                                importance)
-    elif "z_ffn" in x:
+    if x.g.ffn_stats is not None:  # the FFN experts' backward pass computed them
+        stats["ffn"] = surprise.stats_from_sink(z["ffn"], x.g.ffn, x.g.ffn_stats, importance)
+    elif "ffn" in z:
         bank = block["ffn"]["bank"]
+        u = x.inputs.u_ffn
         if cfg.ffn_dispatch == "sparse":
-            stats["ffn"] = surprise.token_stats_sparse(bank, x["u_ffn"], x["z_ffn"], x["g_ffn"],
+            stats["ffn"] = surprise.token_stats_sparse(bank, u, z["ffn"], x.g.ffn,
                                                        cfg.capacity_frac, importance)
         else:
-            stats["ffn"] = surprise.dense_token_stats(bank, x["u_ffn"], (x["z_ffn"],),
-                                                      (x["g_ffn"],), importance,
-                                                      cfg.ffn_dispatch)[0]
+            stats["ffn"] = surprise.dense_token_stats(bank, u, (z["ffn"],), (x.g.ffn,),
+                                                      importance, cfg.ffn_dispatch)[0]
     return stats
 
 
-def sars_pass(params: dict, aux: dict, g_probes: dict, valid: jax.Array, cfg: ModelConfig,
+def sars_pass(params: dict, aux: Aux, g_probes: Probes, valid: jax.Array, cfg: ModelConfig,
               importance: str, variant: str) -> SarsResult:
-    """Scan over refinement steps. aux/g_probes as returned by the forward and its vjp;
-    valid (B,T) marks real tokens."""
+    """Scan over refinement steps. aux / g_probes as returned by the forward and its vjp (the
+    probes' cotangents); valid (B,T) marks real tokens."""
     routers = losses.site_routers(params, cfg)
-    xs = {}
-    for site, (*_, u_key) in routers.items():
-        xs[u_key] = aux[u_key]
-        xs[f"mask_{site}"] = aux[f"mask_{site}"]  # z is rebuilt per step from u and the mask
-        sink = FFN_STATS if site == "ffn" else ATTN_STATS
-        if sink in g_probes:  # computed by the experts' backward pass
-            xs["s_ffn" if site == "ffn" else "s_attn"] = g_probes[sink]
-            if importance != "output_grad":
-                continue  # then the output cotangent is not needed (nor kept for this pass)
-        xs[f"g_{site}"] = g_probes[site]
+    steps = aux.steps
+
+    def needs_g(site: str) -> bool:
+        sink = g_probes.ffn_stats if site == "ffn" else g_probes.attn_stats
+        # A sink holds the statistics: the output cotangent then only serves the output_grad
+        # importance, and is not kept for this pass otherwise.
+        return sink is None or importance == "output_grad"
+
+    xs = _StepInputs(
+        inputs=StepResiduals(u_attn=steps.u_attn, u_ffn=steps.u_ffn),
+        masks={site: steps.site(site).mask for site in routers},  # z is rebuilt per step
+        g=Probes(ffn_stats=g_probes.ffn_stats, attn_stats=g_probes.attn_stats,
+                 **{site: g_probes.site(site) for site in routers if needs_g(site)}))
     leaves = _router_leaves(params, cfg)
 
-    def step_loss(lv, x, stats):
+    def step_loss(lv, x: _StepInputs, stats):
         total = 0.0
-        for site, (_, _, mode, top_k, u_key) in routers.items():
-            r = routing.prototype_scores(jax.lax.stop_gradient(x[u_key]), lv[site]["proto"],
-                                         lv[site]["gate"])
-            per_tok = losses.site_meta_loss(r, stats[site], mode, top_k, variant)  # (B,T[,H])
+        for site, router in routers.items():
+            r = routing.prototype_scores(jax.lax.stop_gradient(x.inputs.expert_input(site)),
+                                         lv[site]["proto"], lv[site]["gate"])
+            per_tok = losses.site_meta_loss(r, stats[site], router.mode, router.top_k,
+                                            variant)  # (B,T[,H])
             w = jnp.broadcast_to(valid.reshape(*valid.shape, *([1] * (per_tok.ndim - 2))),
                                  per_tok.shape)
             total = total + jnp.sum(per_tok * w) / jnp.maximum(jnp.sum(w), 1.0)
         return total / len(routers)
 
-    def body(carry, x):
+    def body(carry, x: _StepInputs):
         loss_acc, grad_acc, sums = carry
-        x = dict(x)
-        for site, (proto, gate, mode, _, u_key) in routers.items():
-            x[f"z_{site}"] = jax.lax.stop_gradient(routing.weights_for_decision(
-                x[u_key], proto, gate, x[f"mask_{site}"], mode))
-        stats = _step_stats(params, x, cfg, importance)
+        z = {site: jax.lax.stop_gradient(routing.weights_for_decision(
+            x.inputs.expert_input(site), r.proto, r.gate, x.masks[site], r.mode))
+            for site, r in routers.items()}
+        stats = _step_stats(params, x, z, cfg, importance)
         loss, grad = jax.value_and_grad(step_loss)(leaves, x, stats)
         new = {}
         for site, st in stats.items():
             w = valid.reshape(*valid.shape, *([1] * (st.c.ndim - 2)))
-            active = x[f"mask_{site}"] * w
+            active = x.masks[site] * w
             new[site] = jnp.stack([jnp.sum(st.c * active), jnp.sum(st.o * active),
                                    jnp.sum((st.goodness > 0) * active),
                                    jnp.sum((st.goodness < 0) * active), jnp.sum(active)])

@@ -13,10 +13,13 @@ so a gate that closed can reopen. Variants (reference.md section 3):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.config import ModelConfig
+from tinyonn_jax.families.dyntrm.config import ModelConfig
+from tinyonn_jax.families.dyntrm.residuals import QKV
 from tinyonn_jax.families.dyntrm.sars.surprise import SiteStats, goodness
 from tinyonn_jax.nn import routing
 
@@ -27,20 +30,31 @@ def entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def site_routers(params: dict, cfg: ModelConfig) -> dict[str, tuple]:
-    """(proto, gate, mode, top_k, aux key of u) per call site kind."""
+class SiteRouter(NamedTuple):
+    """The router of one call site kind: its parameters and its configuration."""
+
+    proto: jax.Array  # (P, Din) prototypes
+    gate: jax.Array  # (P,) gates
+    mode: str  # routing mode (``routing.decide``)
+    top_k: int
+
+
+def site_routers(params: dict, cfg: ModelConfig) -> dict[str, SiteRouter]:
+    """The router of every routed call site, by site name (``residuals.SITES`` order)."""
     sites = cfg.routed_sites
     attn = params["block"]["attn"]
-    out = {c: (attn[f"proto_{c}"], attn[f"gate_{c}"], cfg.attn_routing, cfg.attn_top_k, "u_attn")
-           for c in ("q", "k", "v") if c in sites}
+    out = {c: SiteRouter(attn[f"proto_{c}"], attn[f"gate_{c}"], cfg.attn_routing, cfg.attn_top_k)
+           for c in QKV if c in sites}
     if "ffn" in sites:
         ffn = params["block"]["ffn"]
-        out["ffn"] = (ffn["proto"], ffn["gate"], cfg.ffn_routing, cfg.ffn_top_k, "u_ffn")
+        out["ffn"] = SiteRouter(ffn["proto"], ffn["gate"], cfg.ffn_routing, cfg.ffn_top_k)
     return out
 
 
 def site_meta_loss(r: jax.Array, stats: SiteStats, mode: str, top_k: int,
                     variant: str) -> jax.Array:
+    """The meta loss ``variant`` of one site per token: routing logits r (..., P) and the
+    site's statistics (..., P) -> (...). ``sars.engine`` averages it over valid tokens."""
     g = jax.lax.stop_gradient(stats.goodness)
     if variant == "entropy_plus":
         return entropy(r + g)
@@ -54,18 +68,3 @@ def site_meta_loss(r: jax.Array, stats: SiteStats, mode: str, top_k: int,
         c_unit = jax.lax.stop_gradient(jnp.where(zs > 0, stats.c / jnp.where(zs > 0, zs, 1), 0))
         return entropy(goodness(jax.lax.stop_gradient(stats.o), z, z * c_unit))
     raise ValueError(f"unknown meta loss {variant!r}")
-
-
-def meta_loss(params: dict, aux: dict, stats: dict[str, SiteStats], valid: jax.Array,
-              cfg: ModelConfig, variant: str) -> jax.Array:
-    """Mean over sites, steps and valid tokens of the chosen meta loss. valid (B,T)."""
-    total = 0.0
-    routers = site_routers(params, cfg)
-    for site, (proto, gate, mode, top_k, u_key) in routers.items():
-        u = jax.lax.stop_gradient(aux[u_key])
-        r = routing.prototype_scores(u, proto, gate)
-        per_tok = site_meta_loss(r, stats[site], mode, top_k, variant)  # (S,B,T[,H])
-        w = valid.reshape(1, *valid.shape, *([1] * (per_tok.ndim - 3)))
-        w = jnp.broadcast_to(w, per_tok.shape)
-        total = total + jnp.sum(per_tok * w) / jnp.maximum(jnp.sum(w), 1.0)
-    return total / len(routers)

@@ -21,9 +21,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.config import ModelConfig
-from tinyonn_jax.families.dyntrm.recursion import ATTN_STATS, FFN_STATS
+from tinyonn_jax.families.dyntrm.config import ModelConfig
+from tinyonn_jax.families.dyntrm.residuals import QKV, Aux, Probes
 from tinyonn_jax.nn import experts
+from tinyonn_jax.nn.expert_vjps import StatChannels, expert_pair_stats
 from tinyonn_jax.nn.routing import mas
 
 
@@ -85,10 +86,12 @@ def stats_from_sink(z: jax.Array, g: jax.Array | None, raw: jax.Array,
                     importance: str) -> SiteStats:
     """SiteStats from the cotangent of a statistics sink (``experts.apply_with_stats``).
 
-    raw (..., P, 3) holds ``experts.STAT_CHANNELS`` per pair, unweighted; z (..., P); g (...,
-    Dout) only serves the ``output_grad`` importance (may be None for ``attribution``).
+    raw (..., P, 3) holds ``StatChannels`` per pair, unweighted; z (..., P); g (..., Dout) only
+    serves the ``output_grad`` importance (may be None for ``attribution``).
     """
-    return site_stats(z, g, z * raw[..., 1], z * raw[..., 0], z * raw[..., 2], importance)
+    ch = StatChannels.unstack(raw)
+    return site_stats(z, g, z * ch.gwd_norm_u_norm, z * ch.g_norm_a_norm, z * ch.g_dot_y,
+                      importance)
 
 
 def stats_from_shared_sink(zs: tuple[jax.Array, ...], gs: tuple, raw: jax.Array,
@@ -112,7 +115,7 @@ def token_stats_scan(bank: dict, u: jax.Array, zs: tuple[jax.Array, ...],
 
     def one_expert(_, xs):
         w1, w2 = xs  # (Din, F), (F, Dout)
-        return None, experts.expert_pair_stats(w2, u2, u2 @ w1, g3)[3]  # (Z, N, 3)
+        return None, expert_pair_stats(w2, u2, u2 @ w1, g3)[3]  # (Z, N, 3)
 
     _, raw = jax.lax.scan(one_expert, None, (bank["w1"], bank["w2"]))  # (P, Z, N, 3)
     raw = jnp.transpose(raw, (2, 0, 1, 3))  # (N, P, Z, 3): the layout of a statistics sink
@@ -175,13 +178,15 @@ def goodness(o: jax.Array, z: jax.Array, c: jax.Array) -> jax.Array:
     return mas(o) * (mas(z) - mas(c))
 
 
-def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
+def all_site_stats(params: dict, aux: Aux, g_probes: Probes, cfg: ModelConfig,
                    importance: str = "attribution") -> dict[str, SiteStats]:
     """SiteStats for 'q', 'k', 'v' (S,B,T,H,P) and 'ffn' (S,B,T,E), mapped over steps.
 
-    ``lax.map`` over refinement steps keeps peak memory at one step's pre-activations.
+    ``g_probes``: the probes' cotangents. ``lax.map`` over refinement steps keeps peak memory at
+    one step's pre-activations.
     """
     block = params["block"]
+    steps = aux.steps
 
     def attn_step(xs):
         u, zq, zk, zv, gq, gk, gv = xs
@@ -193,17 +198,16 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
                                  cfg.attn_dispatch)
 
     stats = {}
-    if ATTN_STATS in g_probes:  # computed by the latent-head library's backward pass
-        stats.update(zip("qkv", stats_from_shared_sink(
-            tuple(aux[f"z_{c}"] for c in "qkv"), tuple(g_probes[c] for c in "qkv"),
-            g_probes[ATTN_STATS], importance), strict=True))
+    if g_probes.attn_stats is not None:  # computed by the latent-head library's backward pass
+        stats.update(zip(QKV, stats_from_shared_sink(
+            tuple(steps.site(c).z for c in QKV), tuple(g_probes.site(c) for c in QKV),
+            g_probes.attn_stats, importance), strict=True))
     elif "q" in cfg.routed_sites:
-        q, k, v = jax.lax.map(attn_step, (aux["u_attn"], aux["z_q"], aux["z_k"], aux["z_v"],
-                                          g_probes["q"], g_probes["k"], g_probes["v"]))
+        q, k, v = jax.lax.map(attn_step, (steps.u_attn, steps.q.z, steps.k.z, steps.v.z,
+                                          g_probes.q, g_probes.k, g_probes.v))
         stats.update(q=q, k=k, v=v)
-    if FFN_STATS in g_probes:  # computed by the FFN experts' backward pass
-        stats["ffn"] = stats_from_sink(aux["z_ffn"], g_probes["ffn"], g_probes[FFN_STATS],
-                                       importance)
+    if g_probes.ffn_stats is not None:  # computed by the FFN experts' backward pass
+        stats["ffn"] = stats_from_sink(steps.ffn.z, g_probes.ffn, g_probes.ffn_stats, importance)
     elif "ffn" in cfg.routed_sites:
         def ffn_step(xs):
             u, z, g = xs
@@ -213,7 +217,7 @@ def all_site_stats(params: dict, aux: dict, g_probes: dict, cfg: ModelConfig,
             return dense_token_stats(block["ffn"]["bank"], u, (z,), (g,), importance,
                                      cfg.ffn_dispatch)[0]
 
-        stats["ffn"] = jax.lax.map(ffn_step, (aux["u_ffn"], aux["z_ffn"], g_probes["ffn"]))
+        stats["ffn"] = jax.lax.map(ffn_step, (steps.u_ffn, steps.ffn.z, g_probes.ffn))
     return stats
 
 
@@ -236,11 +240,9 @@ def expert_grad_norms(bank_grad: dict) -> jax.Array:
     return jnp.sqrt(sq)
 
 
-def site_inputs(aux: dict, g_probes: dict, site: str, step: int):
+def site_inputs(aux: Aux, g_probes: Probes, site: str, step: int):
     """(u, z, g) of one site at one step, flattened to (N, .) rows for ``site_expert_grads``."""
-    if site == "ffn":
-        u, z, g = aux["u_ffn"][step], aux["z_ffn"][step], g_probes["ffn"][step]
-    else:
-        u, z, g = aux["u_attn"][step], aux[f"z_{site}"][step], g_probes[site][step]
+    u = aux.steps.expert_input(site)[step]
+    z, g = aux.steps.site(site).z[step], g_probes.site(site)[step]
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     return flat(u), flat(z), flat(g)
