@@ -201,3 +201,19 @@ def test_every_familys_expert_leaves_are_split_on_the_expert_mesh_axis(tmp_path)
                 assert shard == shape, (name, part, path, spec)
         n_declared = sum(a >= 0 for a in axes.values())
         assert split >= 2 * n_declared, (name, split, n_declared)  # params + Adam moments
+
+
+def test_readme_library_snippet_runs():
+    """The README's library example, on the brute-force test size instead of the default."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("### As a library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "cfg = Config()" in code
+    code = code.replace("cfg = Config()", "cfg = Config(model=tiny_model_config())")
+    cfg = Config(model=tiny_model_config())
+    batch = _batch(cfg)
+    scope = {"tokens": batch["inputs"], "batch": batch, "tiny_model_config": tiny_model_config}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 -- the README's own example
+    assert scope["logits"].shape == (*batch["inputs"].shape, cfg.model.vocab_size)
+    assert int(scope["train_state"].step) == 1 and np.isfinite(
+        float(scope["metrics"]["train/main_loss"]))
+    assert set(jax.tree.leaves(variables.labels(scope["model"]))) == {MAIN, META}

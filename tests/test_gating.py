@@ -37,7 +37,8 @@ def _reference_forward(params, tokens, cfg, decisions, w_eps, out_eps):
         lp = jax.tree.map(lambda a: a[layer], params["layers"])  # noqa: B023
         for site, ln in (("attn", "ln1"), ("ffn", "ln2")):
             u = layer_norm(lp[ln], x, cfg.ln_eps)
-            dec = gamoe.Decision(decisions[site].mask[layer], decisions[site].homeless[layer])
+            dec = gamoe.Decision(decisions.site(site).mask[layer],
+                                 decisions.site(site).homeless[layer])
             g = gamoe.gate(lp[site], u, live[site][layer], fallback=True,
                            weight_mode=cfg.weight_mode, decision=dec)
             w = g.z + w_eps[site][layer]
@@ -64,7 +65,7 @@ def probed():
     inputs, targets, w = _batch(cfg)
 
     def f(pr):
-        logits, aux = dynonn.moe_forward(params, inputs, cfg, probes=pr)
+        logits, aux = dynonn.forward(params, inputs, cfg, probes=pr)
         return task_loss.cross_entropy(logits, targets, w), (logits, aux)
 
     (loss, (logits, aux)), gp = jax.jit(jax.value_and_grad(f, has_aux=True))(
@@ -82,8 +83,8 @@ def test_surprise_equals_brute_force(probed):
     cfg, params = probed["cfg"], probed["params"]
     dec = dynonn.decisions_of(probed["aux"])
     zeros = dynonn.zero_probes(cfg, B, T)
-    w_eps = {s: zeros[f"w_{s}"] for s in dynonn.SITES}
-    o_eps = {s: zeros[f"out_{s}"] for s in dynonn.SITES}
+    w_eps = {s: zeros.weight(s) for s in dynonn.SITES}
+    o_eps = {s: zeros.output(s) for s in dynonn.SITES}
 
     def ref_loss(we, oe):
         logits = _reference_forward(params, probed["inputs"], cfg, dec, we, oe)
@@ -97,9 +98,9 @@ def test_surprise_equals_brute_force(probed):
         s_w = gating.token_surprise(probed["gp"], probed["aux"], site, "weight_grad", n)
         _close(s_w, jnp.abs(g_w[site]) * n)
         s_o = gating.token_surprise(probed["gp"], probed["aux"], site, "output_grad", n)
-        z = probed["aux"][site]["z"]
+        z = probed["aux"].site(site).z
         _close(s_o, z * jnp.linalg.norm(g_o[site], axis=-1)[..., None] * n)
-        routed = np.asarray(probed["aux"][site]["mask"])
+        routed = np.asarray(probed["aux"].site(site).mask)
         assert np.mean(np.asarray(s_w)[routed] > 0) > 0.5  # 0 only where the loss ignores it
         # The literal output-gradient surprise is the routing weight times one number per
         # token (degenerate across experts); the default is not.

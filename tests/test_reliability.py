@@ -292,6 +292,18 @@ def test_resume_with_no_readable_checkpoint_is_one_line(tmp_path, capsys, four_s
     assert len(err) == 1 and "no checkpoint" in err[0] and "can be restored" in err[0]
 
 
+def test_resume_refuses_another_model_or_family(tmp_path, four_step_run):
+    wd = tmp_path / "run"
+    cfg = apply_overrides(_four_steps(four_step_run, wd), ["train.num_steps=6"])
+    for other, changed in ((["model.hidden=64"], "model.hidden"),
+                           (["family=spl", "model.hidden=32", "model.num_layers=1"], "family")):
+        with pytest.raises(UserError, match="different model config") as e:
+            trainer.run(apply_overrides(cfg, other), wd, resume=True, quiet=True)
+        assert changed in str(e.value)
+    with Checkpointer(wd / "checkpoints", read_only=True) as c:
+        assert c.all_steps() == [2, 4]  # nothing lost
+
+
 def test_resume_says_what_it_does(tmp_path, capsys):
     # missing workdir: warn and start fresh
     wd = tmp_path / "fresh"

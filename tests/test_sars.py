@@ -71,7 +71,7 @@ def _copied_forward(params, copies, inputs, cfg):
         o = attention.dot_product_attention(q, k, qkv["v"], mask).reshape(B, T, -1)
         x = x + o @ blk["attn"]["o_proj"]
         uf = layer_norm(blk["ln2"], x, cfg.ln_eps)
-        rf = dynmoe.route_moe(blk["ffn"], uf, cfg)
+        rf = dynmoe.route_ffn(blk["ffn"], uf, cfg)
         x = x + expert_out(copies["ffn"]["w1"][s], copies["ffn"]["w2"][s], uf, rf.z)
     return tr.make_readout(cfg)(params, x)[1]
 

@@ -50,12 +50,17 @@ def test_recursion_equals_a_stack_of_identical_layers():
     p_stack = {**p_rec, "layers": jax.tree.map(
         lambda a: jnp.broadcast_to(a, (CFG.num_layers, *a.shape[1:])), p_rec["layers"])}
     inputs = _batch(CFG)["inputs"]
-    fwd = jax.jit(dynonn.moe_forward, static_argnums=2)
+    fwd = jax.jit(dynonn.forward, static_argnums=2)
     a, aux_a = fwd(p_rec, inputs, rec)
     b, aux_b = fwd(p_stack, inputs, CFG)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(aux_a["ffn"]["mask"], aux_b["ffn"]["mask"])
-    assert aux_a["attn"]["z"].shape == (CFG.num_layers, B, T, CFG.max_experts)
+    assert isinstance(aux_a, dynonn.Aux) and isinstance(aux_a.site("ffn"), dynonn.SiteAux)
+    np.testing.assert_array_equal(aux_a.ffn.mask, aux_b.ffn.mask)
+    assert aux_a.attn.z.shape == (CFG.num_layers, B, T, CFG.max_experts)
+    assert aux_a.attn.u.shape == (CFG.num_layers, B, T, CFG.hidden)
+    assert aux_a.ffn.k.shape == aux_a.ffn.homeless.shape == (CFG.num_layers, B, T)
+    with pytest.raises(ValueError, match="unknown gated site"):
+        aux_a.site("q")
 
 
 def test_bf16_remat_cannot_flip_a_routing_decision():
@@ -71,16 +76,16 @@ def test_bf16_remat_cannot_flip_a_routing_decision():
         c = dataclasses.replace(cfg, remat=remat)
 
         def f(p):
-            logits, aux = dynonn.moe_forward(p, batch["inputs"], c, decisions=decisions)
+            logits, aux = dynonn.forward(p, batch["inputs"], c, decisions=decisions)
             return task_loss.cross_entropy(logits, batch["targets"], batch["weights"]), aux
 
         return jax.grad(f, has_aux=True)(params)
 
     g_remat, aux = grads(params, None, remat=True)
     dec = dynonn.decisions_of(aux)
-    mask = np.asarray(dec["ffn"].mask)
+    mask = np.asarray(dec.ffn.mask)
     assert 0 < mask.mean() < 1
-    assert aux["ffn"]["u"].dtype == jnp.bfloat16
+    assert aux.ffn.u.dtype == jnp.bfloat16
     g_fixed, _ = grads(params, dec, remat=False)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_remat)[0],
                             jax.tree.leaves(g_fixed), strict=True):
@@ -91,7 +96,7 @@ def test_bf16_remat_cannot_flip_a_routing_decision():
     t = int(np.argmax(mask[0, 0, :].sum(-1) >= 2))  # a token with two routed experts
     e = int(np.argmax(mask[0, 0, t]))
     flipped[0, 0, t, e] = False
-    dec_f = {**dec, "ffn": dec["ffn"]._replace(mask=jnp.asarray(flipped))}
+    dec_f = dec._replace(ffn=dec.ffn._replace(mask=jnp.asarray(flipped)))
     g_flip, _ = grads(params, dec_f, remat=False)
     diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                for a, b in zip(jax.tree.leaves(g_flip), jax.tree.leaves(g_fixed), strict=True))
@@ -295,6 +300,6 @@ def test_model_call_is_the_evaluation_forward():
     inputs = _batch(CFG)["inputs"]
     got = model(inputs, live=pool.live)
     assert got.shape == (B, T, CFG.vocab_size) and got.dtype == jnp.float32
-    np.testing.assert_array_equal(got, ms.moe_logits(params, pool, inputs, CFG))
+    np.testing.assert_array_equal(got, ms.eval_logits(params, pool, inputs, CFG))
     np.testing.assert_array_equal(
-        model(inputs), dynonn.moe_forward(params, inputs, CFG, training=False)[0])
+        model(inputs), dynonn.forward(params, inputs, CFG, training=False)[0])

@@ -54,7 +54,7 @@ _gradients_fn = jax.jit(ss.spl_gradients, static_argnums=3)
 
 def _gradients(params, batch, cfg, ema=0.0):
     """spl_gradients with zero probes: out has g_ce (jax.grad of the main loss), g_probes
-    (dL/dM per site) and aux['residuals']."""
+    (dL/dM per site) and aux.residuals."""
     probes = spl.spl_zero_probes(cfg, *batch["inputs"].shape)
     return _gradients_fn(params, batch, jnp.float32(ema), cfg, probes)
 
@@ -172,8 +172,9 @@ def test_module_call_equals_spl_forward():
     model = sm.SplModel(cfg, jax.random.key(5))
     kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
     logits = model(batch["inputs"], **kw)
-    want = spl.spl_forward(variables.pure_params(model), batch["inputs"], cfg, with_stats=False,
-                           **kw)[0]
+    want, aux = spl.spl_forward(variables.pure_params(model), batch["inputs"], cfg,
+                                with_stats=False, **kw)
+    assert aux.stats is None and aux.residuals is None  # no statistics, no probes
     assert logits.shape == (B, T, cfg.vocab_size)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(want))
 
@@ -257,22 +258,27 @@ def test_anchors_and_counts_equal_direct_masked_mean():
     cfg, batch = _cfg(), _batch()
     params = sm.init_spl_params(jax.random.key(0), cfg)
     aux = _gradients(params, batch, cfg)[3]["aux"]
+    assert isinstance(aux, spl.Aux) and set(aux.stats) == set(aux.residuals) == set(cfg.kinds)
+    assert float(aux.tokens) == float(np.sum(np.asarray(batch["segment_ids"]) > 0))
     valid = np.asarray(batch["segment_ids"] > 0, np.float64)
     for k in cfg.kinds:
-        x = np.asarray(aux["residuals"][k]["x"], np.float64)
-        m = np.asarray(aux["residuals"][k]["mask"], np.float64) * valid[None, ..., None]
+        x = np.asarray(aux.residuals[k].x, np.float64)
+        m = np.asarray(aux.residuals[k].mask, np.float64) * valid[None, ..., None]
+        assert x.shape == (cfg.num_sites, B, T, cfg.dims(k)[0])
+        assert m.shape == aux.residuals[k].pre.shape == aux.residuals[k].raw.shape
+        assert aux.protos[k].shape == aux.stats[k].anchor.shape
         for site in range(cfg.num_sites):
             for j in range(m.shape[-1]):
                 sel = m[site, ..., j] > 0
-                got = np.asarray(aux["stats"][k]["anchor"][site, j])
+                got = np.asarray(aux.stats[k].anchor[site, j])
                 want = x[site][sel].mean(0) if sel.any() else np.zeros(x.shape[-1])
                 _close(got, want)
-        _close(aux["stats"][k]["count"], m.sum((1, 2)))
-        _close(aux["stats"][k]["x_mean"], (x * valid[None, ..., None]).sum((1, 2)) / valid.sum())
+        _close(aux.stats[k].count, m.sum((1, 2)))
+        _close(aux.stats[k].x_mean, (x * valid[None, ..., None]).sum((1, 2)) / valid.sum())
     # The first module sees LN1(embed) of the tokens, computed here independently.
     e = np.asarray(params["embed"], np.float64)[np.asarray(batch["inputs"])]
     ln = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + cfg.ln_eps)
-    _close(aux["residuals"]["q"]["x"][0], ln, rtol=1e-4)
+    _close(aux.residuals["q"].x[0], ln, rtol=1e-4)
 
 
 @pytest.mark.parametrize("cfg", [_cfg(), _DYN], ids=["stacked", "dyntrm"])
@@ -282,7 +288,7 @@ def test_mu_surprise_equals_jax_grad(cfg):
     out = _gradients(params, batch, cfg)[3]
     aux, gp, gprobe = out["aux"], out["g_ce"], out["g_probes"]
     for k in cfg.kinds:
-        site = ms.site_mu_grads(aux["residuals"][k], gprobe[k], cfg.activation)
+        site = ms.site_mu_grads(aux.residuals[k], gprobe[k], cfg.activation)
         for leaf in ("mu_weight", "mu_bias"):  # per-site closed forms add up to jax.grad
             _close(ms.to_param_layers(site[leaf], cfg.num_param_layers), gp["layers"][k][leaf])
         want = np.linalg.norm(np.asarray(gp["layers"][k]["mu_weight"], np.float64), axis=-1)
@@ -320,8 +326,8 @@ def test_classification_and_proto_surprise_equal_brute_force():
     n_judged = 0
     for k in cfg.kinds:
         mu_s = np.linalg.norm(np.asarray(gp["layers"][k]["mu_weight"], np.float64), axis=-1)
-        m = np.asarray(aux["residuals"][k]["mask"], np.float64) * valid[None, ..., None]
-        x = np.asarray(aux["residuals"][k]["x"], np.float64)
+        m = np.asarray(aux.residuals[k].mask, np.float64) * valid[None, ..., None]
+        x = np.asarray(aux.residuals[k].x, np.float64)
         count = m.sum((1, 2))  # (L, N)
         good, bad = np.zeros(count.shape, bool), np.zeros(count.shape, bool)
         for layer in range(cfg.num_sites):
@@ -356,11 +362,11 @@ def test_meta_step_pulls_good_and_pushes_bad():
     opt, step = _sgd_step(cfg)
     state = SPL.init_state(_full(cfg), opt, jax.random.key(3))
     out = _gradients(state.params, batch, cfg)[3]
-    info, stats = out["info"], out["aux"]["stats"]
+    info, stats = out["info"], out["aux"].stats
     new, _ = step(state, batch)
     moved = {"good": 0, "bad": 0}
     for k in cfg.kinds:
-        a = stats[k]["anchor"]
+        a = stats[k].anchor
         before = np.asarray(ms.cosine(state.params["layers"][k]["proto_weight"], a))
         after = np.asarray(ms.cosine(new.params["layers"][k]["proto_weight"], a))
         live = np.asarray(info["mu_surprise"][k]) > 1e-6

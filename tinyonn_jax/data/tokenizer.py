@@ -218,11 +218,3 @@ def sequence_length(task: Task, test_index: int = 0) -> int:
             raise ValueError(f"task {task.task_id!r} test[{test_index}] has no known output")
         n += grid_token_count(*out.shape) + 2
     return n
-
-
-def decode_to_text(tokens: np.ndarray) -> str:
-    """Human-readable rendering of tokens, for debugging and notebooks."""
-    out = []
-    for tok in np.asarray(tokens).reshape(-1).tolist():
-        out.append(TOKEN_NAMES[tok] if 0 <= tok < VOCAB_SIZE else f"<?{tok}>")
-    return " ".join(out).replace(" \\n ", "\n")

@@ -114,9 +114,9 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
         if cfg.ffn_kind == "swiglu":
             x = x + dense.swiglu(block["ffn"], uf).astype(dt)
         else:
-            rf = dynmoe.route_moe(block["ffn"], uf, cfg)
-            x = x + dynmoe.moe_core(block["ffn"], uf, rf.z, None, cfg.ffn_dispatch,
-                                 cfg.capacity_frac).astype(dt)
+            rf = dynmoe.route_ffn(block["ffn"], uf, cfg)
+            x = x + dynmoe.ffn_core(block["ffn"], uf, rf.z, None, cfg.ffn_dispatch,
+                                    cfg.capacity_frac).astype(dt)
     return x, extra
 
 

@@ -75,7 +75,8 @@ def weights(scores: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
 def route(u: jax.Array, proto: jax.Array, gate: jax.Array, mode: str, top_k: int) -> Route:
     """Route expert inputs u (..., d) over P experts -> Route with z, mask, k of shape (..., P)."""
     scores = prototype_scores(u, proto, gate)
-    # Tagged so that a rematerialised step reuses the forward's decisions (model/recursion.py).
+    # Tagged so that a rematerialised step reuses the forward's decisions
+    # (``families.dyntrm.recursion.remat_body``).
     # Only the bool mask is saved: the weights follow from it and the recomputed scores, so a
     # recomputation can change a weight by rounding but never which experts are active.
     mask = checkpoint_name(decide(scores, mode, top_k), "routing")

@@ -38,8 +38,8 @@ class DynOnnFamily(FamilyBase):
     def logits(self, params: dict, extras: lifecycle.PoolState, tokens: jax.Array, cfg: Config,
                *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
-        return dynonn_step.moe_logits(params, extras, tokens, cfg.model, positions=positions,
-                               segment_ids=segment_ids)
+        return dynonn_step.eval_logits(params, extras, tokens, cfg.model, positions=positions,
+                                       segment_ids=segment_ids)
 
     def maintain(self, state: TrainState, cfg: Config,
                  step: int) -> tuple[TrainState, list[tuple[int, str, int, str]]]:

@@ -7,7 +7,7 @@ argmin over routed experts is merely the smallest weight (and over all experts, 
 the original's bug). The default is therefore the derivative of the main loss along expert e's
 own output, ``S_te = |dL/dw_te| = |sum_sites <dL/dA_t, Y_te>|`` (Y_te the unweighted output of
 expert e in every place it acts: q, k, v, o or W1, W2). Both come exactly from the cotangents of
-zero probes on the routing weights / sub-layer outputs (``smha.zero_probes``). S is expressed per
+zero probes on the routing weights / sub-layer outputs (``model.zero_probes``). S is expressed per
 token (gradient of the token-summed loss) so its scale does not depend on the batch size.
 
 Gate objective (seed 003): ``lambda * L_balance + (1 - lambda) * L_smk (+ w_sdl SDL + w_sparsity
@@ -22,20 +22,21 @@ import jax.numpy as jnp
 
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.families.dynonn.model import SITES, per_group, per_pass
+from tinyonn_jax.families.dynonn.residuals import Aux, Probes
 from tinyonn_jax.metrics import masked_mean
 from tinyonn_jax.nn import gamoe
 
 _GATE_LEAVES = ("proto_sim", "gates", "gate_log_scale")
 
 
-def token_surprise(g_probes: dict, aux: dict, site: str, mode: str,
+def token_surprise(g_probes: Probes, aux: Aux, site: str, mode: str,
                    n_tokens: jax.Array) -> jax.Array:
     """S (P,B,T,E) of one site from probe cotangents, in per-token units (x ``n_tokens``)."""
     if mode == "weight_grad":
-        s = jnp.abs(g_probes[f"w_{site}"])
+        s = jnp.abs(g_probes.weight(site))
     elif mode == "output_grad":
-        g = g_probes[f"out_{site}"]
-        s = aux[site]["z"] * jnp.sqrt(jnp.sum(jnp.square(g), axis=-1))[..., None]
+        g = g_probes.output(site)
+        s = aux.site(site).z * jnp.sqrt(jnp.sum(jnp.square(g), axis=-1))[..., None]
     else:
         raise ValueError(f"unknown surprise mode {mode!r}")
     return s * n_tokens
@@ -153,7 +154,7 @@ def _site_terms(gp: dict, u: jax.Array, mask: jax.Array, homeless: jax.Array, li
     return f, imp, sparsity, smk, hits, n_inf
 
 
-def gating_objective(params: dict, aux: dict, surprise: dict, valid: jax.Array, live: dict,
+def gating_objective(params: dict, aux: Aux, surprise: dict, valid: jax.Array, live: dict,
                      lam: jax.Array, cfg: DynOnnConfig) -> tuple[jax.Array, dict]:
     """The gate loss of every site and pass, recomputed from the stored (constant) gate inputs,
     so its gradient reaches only the gate parameters. valid (B,T); surprise {site: (P,B,T,E)}.
@@ -162,11 +163,11 @@ def gating_objective(params: dict, aux: dict, surprise: dict, valid: jax.Array, 
     loss = 0.0
     for site in SITES:  # two gate kinds, not experts
         leaves = {k: params["layers"][site][k] for k in _GATE_LEAVES}
-        res = aux[site]
+        res = aux.site(site)
         terms = jax.vmap(_site_terms, in_axes=(0, 0, 0, 0, 0, 0, None))
         f, imp, sparsity, smk, hits, n_inf = terms(
-            per_pass(leaves, cfg), jax.lax.stop_gradient(res["u"]), res["mask"],
-            res["homeless"], per_pass(live[site], cfg), surprise[site], valid)
+            per_pass(leaves, cfg), jax.lax.stop_gradient(res.u), res.mask, res.homeless,
+            per_pass(live[site], cfg), surprise[site], valid)
         bal = jnp.mean(jax.vmap(load_balance)(per_group(f, cfg), per_group(imp, cfg),
                                               live[site]))
         sdl = jnp.mean(jax.vmap(sdl_loss)(leaves["proto_sim"], live[site]))

@@ -29,6 +29,7 @@ import numpy as np
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.families.dynonn.model import SITES, init_live, per_group
 from tinyonn_jax.families.dynonn.modules import expert_axes, init_layers
+from tinyonn_jax.families.dynonn.residuals import Aux
 from tinyonn_jax.nn import gamoe
 
 EVENT_KINDS = ("remove", "add", "regenerate")
@@ -70,18 +71,18 @@ def init_pool(cfg: DynOnnConfig, key: jax.Array) -> PoolState:
         cursor=jnp.int32(0), key=key)
 
 
-def step_records(aux: dict, valid: jax.Array, cfg: DynOnnConfig) -> dict:
+def step_records(aux: Aux, valid: jax.Array, cfg: DynOnnConfig) -> dict:
     """Per site: routed counts (G,E), homeless input sum (G,D) and count (G,) of one step.
 
-    aux from ``smha.moe_forward``; valid (B,T) in {0, 1}.
+    aux from ``model.forward``; valid (B,T) in {0, 1}.
     """
     v = valid.astype(jnp.float32)
     out = {}
     for s in SITES:
-        r = aux[s]
-        counts = jnp.sum(r["mask"] * v[None, ..., None], axis=(1, 2))
-        hv = r["homeless"] * v[None]
-        hsum = jnp.einsum("pbtd,pbt->pd", gamoe.normalize(r["u"].astype(jnp.float32)), hv)
+        r = aux.site(s)
+        counts = jnp.sum(r.mask * v[None, ..., None], axis=(1, 2))
+        hv = r.homeless * v[None]
+        hsum = jnp.einsum("pbtd,pbt->pd", gamoe.normalize(r.u.astype(jnp.float32)), hv)
         out[s] = (per_group(counts, cfg), per_group(hsum, cfg),
                   per_group(jnp.sum(hv, axis=(1, 2)), cfg))
     return out

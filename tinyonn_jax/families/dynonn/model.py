@@ -19,9 +19,10 @@ Inner/outer rematerialisation (seed 002): LayerNorm and the gates run outside
 ``jax.checkpoint``; the mixing and attention run inside with the routing weights passed in, so a
 recomputation in bfloat16 can never flip a ``> 0`` decision.
 
-Zero probes (``zero_probes``) are added to the routing weights (``w_*``) and to the sub-layer
-outputs (``out_*``); their cotangents give dL/dw_te and dL/d(output) for every pass in the same
-backward pass as the main gradient (``tinyonn_jax.families.dynonn.gating``).
+Zero probes (``zero_probes``, ``residuals.Probes``) are added to the routing weights (``w_*``)
+and to the sub-layer outputs (``out_*``); their cotangents give dL/dw_te and dL/d(output) for every
+pass in the same backward pass as the main gradient (``tinyonn_jax.families.dynonn.gating``). The
+per-pass residuals are ``residuals.Aux``.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
+from tinyonn_jax.families.dynonn.residuals import SITES, Aux, Decisions, Probes, SiteAux
 from tinyonn_jax.nn import gamoe
 from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
 from tinyonn_jax.nn.norm import layer_norm
 
-SITES = ("attn", "ffn")
 EXPERT_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")  # trained by the main loss
 
 
@@ -46,14 +47,12 @@ def init_live(cfg: DynOnnConfig) -> dict[str, jax.Array]:
     return {s: jnp.broadcast_to(row, (cfg.groups, cfg.max_experts)) for s in SITES}
 
 
-def zero_probes(cfg: DynOnnConfig, batch: int, length: int) -> dict[str, jax.Array]:
+def zero_probes(cfg: DynOnnConfig, batch: int, length: int) -> Probes:
     """Zero probes (P = num_layers passes): w_<site> (P,B,T,E), out_<site> (P,B,T,D)."""
     p, e, d = cfg.num_layers, cfg.max_experts, cfg.hidden
-    out = {}
-    for s in SITES:
-        out[f"w_{s}"] = jnp.zeros((p, batch, length, e), jnp.float32)
-        out[f"out_{s}"] = jnp.zeros((p, batch, length, d), jnp.float32)
-    return out
+    w = lambda: jnp.zeros((p, batch, length, e), jnp.float32)  # noqa: E731
+    out = lambda: jnp.zeros((p, batch, length, d), jnp.float32)  # noqa: E731
+    return Probes(w_attn=w(), out_attn=out(), w_ffn=w(), out_ffn=out())
 
 
 def per_pass(tree, cfg: DynOnnConfig):
@@ -97,7 +96,8 @@ def _maybe_remat(fn, on: bool):
 
 
 def _sublayer(p: dict, ln: dict, x: jax.Array, live: jax.Array, probe_w, probe_out,
-              decision: gamoe.Decision | None, core, cfg: DynOnnConfig, fallback: bool):
+              decision: gamoe.Decision | None, core, cfg: DynOnnConfig,
+              fallback: bool) -> tuple[jax.Array, SiteAux]:
     u = layer_norm(ln, x, cfg.ln_eps)
     g = gamoe.gate(p, u, live, fallback=fallback, weight_mode=cfg.weight_mode,
                    decision=decision)  # outside the checkpoint: decided once
@@ -105,20 +105,20 @@ def _sublayer(p: dict, ln: dict, x: jax.Array, live: jax.Array, probe_w, probe_o
     y = core(p, u, w)
     if probe_out is not None:
         y = y + probe_out.astype(y.dtype)
-    res = {"u": u, "mask": g.mask, "z": g.z, "k": g.k, "homeless": g.homeless}
+    res = SiteAux(u=u, mask=g.mask, z=g.z, k=g.k, homeless=g.homeless)
     return x + y.astype(x.dtype), res
 
 
-def moe_forward(params: dict, tokens: jax.Array, cfg: DynOnnConfig, *,
-                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                probes: dict | None = None, live: dict | None = None,
-                decisions: dict | None = None, training: bool = True):
-    """tokens (B,T) -> logits (B,T,V) float32 and per-pass residuals.
+def forward(params: dict, tokens: jax.Array, cfg: DynOnnConfig, *,
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+            probes: Probes | None = None, live: dict | None = None,
+            decisions: Decisions | None = None, training: bool = True) -> tuple[jax.Array, Aux]:
+    """tokens (B,T) -> logits (B,T,V) float32 and the per-pass residuals ``Aux``.
 
     ``live`` {site: (G,E) bool} defaults to ``init_live(cfg)``; pass the pool state's masks.
-    ``decisions`` {site: Decision of (P,B,T,E), (P,B,T)} replays hard routing decisions.
-    aux = {site: {'u' (P,B,T,D), 'mask' (P,B,T,E), 'z' (P,B,T,E), 'k' (P,B,T),
-    'homeless' (P,B,T)}}.
+    ``probes`` (``zero_probes``) are added to the routing weights and sublayer outputs;
+    ``decisions`` (``decisions_of``) replays hard routing decisions. aux.attn and aux.ffn
+    (``SiteAux``): u (P,B,T,D), mask and z (P,B,T,E), k and homeless (P,B,T).
     """
     b, t = tokens.shape
     if positions is None:
@@ -139,13 +139,13 @@ def moe_forward(params: dict, tokens: jax.Array, cfg: DynOnnConfig, *,
         lp, lv, pr, dec = xs
         if shared:
             lp, lv = jax.tree.map(lambda a: a[0], (layers, live))
-        pr = pr or {}
-        dec = dec or {}
-        x, ra = _sublayer(lp["attn"], lp["ln1"], x, lv["attn"], pr.get("w_attn"),
-                          pr.get("out_attn"), dec.get("attn"), attn, cfg, fb)
-        x, rf = _sublayer(lp["ffn"], lp["ln2"], x, lv["ffn"], pr.get("w_ffn"),
-                          pr.get("out_ffn"), dec.get("ffn"), ffn, cfg, fb)
-        return x, {"attn": ra, "ffn": rf}
+        pr = Probes() if pr is None else pr
+        dec = Decisions() if dec is None else dec
+        x, ra = _sublayer(lp["attn"], lp["ln1"], x, lv["attn"], pr.w_attn, pr.out_attn,
+                          dec.attn, attn, cfg, fb)
+        x, rf = _sublayer(lp["ffn"], lp["ln2"], x, lv["ffn"], pr.w_ffn, pr.out_ffn, dec.ffn,
+                          ffn, cfg, fb)
+        return x, Aux(attn=ra, ffn=rf)
 
     xs = (None if shared else layers, None if shared else live, probes, decisions)
     x0 = params["embed"][tokens].astype(cfg.dtype)
@@ -156,6 +156,6 @@ def moe_forward(params: dict, tokens: jax.Array, cfg: DynOnnConfig, *,
     return logits, aux
 
 
-def decisions_of(aux: dict) -> dict:
-    """The hard decisions of a forward, to replay them (``moe_forward(decisions=...)``)."""
-    return {s: gamoe.Decision(mask=aux[s]["mask"], homeless=aux[s]["homeless"]) for s in SITES}
+def decisions_of(aux: Aux) -> Decisions:
+    """The hard decisions of a forward, to replay them (``forward(decisions=...)``)."""
+    return Decisions(attn=aux.attn.decision(), ffn=aux.ffn.decision())

@@ -13,7 +13,7 @@ embedding, norms and LM head are ``MainParam``. Every leaf stacked over experts 
 expert axis where it is made; in the stacked tree that is axis 1 (E) of wq, wk, wv, wo, w1, w2
 and gates, and axis 2 of proto_sim (G, D, E).
 
-The numeric core is pure: ``model.moe_forward``, the gating losses, the lifecycle and the train
+The numeric core is pure: ``model.forward``, the gating losses, the lifecycle and the train
 step take ``variables.pure_params(model)``; ``init_params(key, cfg)`` is exactly that dict for a
 fresh model, and ``param_labels(cfg)`` / ``expert_axes(cfg)`` give trees of the same structure,
 read from the types and declared expert axes of a shape-only model.
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
-from tinyonn_jax.families.dynonn.model import moe_forward
+from tinyonn_jax.families.dynonn.model import forward
 from tinyonn_jax.nn import gamoe, variables
 from tinyonn_jax.nn.norm import LayerNorm
 
@@ -124,7 +124,7 @@ class DynOnnModel(nnx.Module):
     """The whole model: ``embed`` (V, D), ``layers`` (``stack_layers``), ``final_ln`` and
     ``lm_head`` (D, V).
 
-    Calling it runs the evaluation forward (``model.moe_forward`` with ``training=False``) on its
+    Calling it runs the evaluation forward (``model.forward`` with ``training=False``) on its
     ``pure_params``: tokens (B, T) -> logits (B, T, V) float32.
     """
 
@@ -141,8 +141,8 @@ class DynOnnModel(nnx.Module):
                  segment_ids: jax.Array | None = None, live: dict | None = None) -> jax.Array:
         """tokens (B, T) -> logits (B, T, V); ``live`` {site: (G, E) bool} defaults to
         ``model.init_live(cfg)``. Homeless tokens take the evaluation-time fallback."""
-        return moe_forward(variables.pure_params(self), tokens, self.cfg, positions=positions,
-                           segment_ids=segment_ids, live=live, training=False)[0]
+        return forward(variables.pure_params(self), tokens, self.cfg, positions=positions,
+                       segment_ids=segment_ids, live=live, training=False)[0]
 
 
 def init_params(key: jax.Array, cfg: DynOnnConfig) -> dict:

@@ -42,20 +42,18 @@ Batch = dict  # inputs, targets, weights, segment_ids, positions: all (B, T)
 
 
 
-def compute_moe_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnConfig):
+def compute_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnConfig):
     """Main and gate gradients (params-shaped) and everything the metrics need.
 
-    Returns (g_main, g_gate, out) with out: loss, gating_loss, parts, logits, aux, surprise
-    {site: (P,B,T,E)}, pi, lam, tau, s_mean.
+    Returns (g_main, g_gate, out) with out: loss, gating_loss, parts, logits, aux
+    (``residuals.Aux``), surprise {site: (P,B,T,E)}, pi, lam, tau, s_mean, fused.
     """
     b, t = batch["inputs"].shape
 
     def objective(p, probes):
         p = variables.stop_group(p, param_labels(cfg), META)
-        logits, aux = dynonn.moe_forward(p, batch["inputs"], cfg,
-                                       positions=batch["positions"],
-                                       segment_ids=batch["segment_ids"], probes=probes,
-                                       live=live)
+        logits, aux = dynonn.forward(p, batch["inputs"], cfg, positions=batch["positions"],
+                                     segment_ids=batch["segment_ids"], probes=probes, live=live)
         return task_loss.cross_entropy(logits, batch["targets"], batch["weights"]), (logits, aux)
 
     loss, vjp, (logits, aux) = jax.vjp(objective, params, dynonn.zero_probes(cfg, b, t),
@@ -64,7 +62,7 @@ def compute_moe_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnCon
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
     n_tok = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     surprise = {s: gating.token_surprise(g_probes, aux, s, cfg.surprise, n_tok) for s in SITES}
-    s_mean = jnp.mean(jnp.stack([gating.routed_mean(surprise[s], aux[s]["mask"], valid[None])
+    s_mean = jnp.mean(jnp.stack([gating.routed_mean(surprise[s], aux.site(s).mask, valid[None])
                                  for s in SITES]))
     tau = metrics.output_entropy(logits, batch["weights"])
     pi = jax.lax.stop_gradient(metrics.pi_score(loss, tau, s_mean, cfg.pi_alpha, cfg.pi_gamma))
@@ -77,7 +75,7 @@ def compute_moe_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnCon
     if cfg.fuse:
         bad = {}
         for s in SITES:
-            es, cnt = gating.expert_surprise(surprise[s], aux[s]["mask"], valid, cfg)
+            es, cnt = gating.expert_surprise(surprise[s], aux.site(s).mask, valid, cfg)
             bad[s] = gating.fuse_mask(es, cnt, cfg.fuse_sigma)
         g_main = lifecycle.map_expert_slices(g_main, bad, lambda s, n, x: jnp.zeros_like(x),
                                              cfg, names=EXPERT_WEIGHTS)
@@ -87,7 +85,7 @@ def compute_moe_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnCon
     return select(g_main, labels, MAIN), g_gate, out
 
 
-def moe_metrics(cfg: DynOnnConfig, batch: Batch, out: dict, pool: lifecycle.PoolState) -> dict:
+def step_metrics(cfg: DynOnnConfig, batch: Batch, out: dict, pool: lifecycle.PoolState) -> dict:
     """Flat metrics dict of scalars, plus for the expert dashboard ``experts/usage_<site>`` (E,)
     (routed share of tokens, mean over layers), ``experts/usage_by_layer/<site>`` and
     ``experts/live/<site>`` (G, E); ``expert_rows`` splits the latter per gate on the host."""
@@ -106,12 +104,12 @@ def moe_metrics(cfg: DynOnnConfig, batch: Batch, out: dict, pool: lifecycle.Pool
     }
     passes_per_group = 1 if cfg.structure == "stack" else cfg.num_layers
     for s in SITES:
-        r = aux[s]
-        m[f"route/avg_k/{s}"] = metrics.masked_mean(r["k"].astype(jnp.float32), valid[None])
-        m[f"route/homeless/{s}"] = metrics.masked_mean(r["homeless"].astype(jnp.float32),
+        r = aux.site(s)
+        m[f"route/avg_k/{s}"] = metrics.masked_mean(r.k.astype(jnp.float32), valid[None])
+        m[f"route/homeless/{s}"] = metrics.masked_mean(r.homeless.astype(jnp.float32),
                                                        valid[None])
         m[f"experts/num_experts/{s}"] = jnp.sum(pool.live[s], dtype=jnp.int32)
-        counts = dynonn.per_group(jnp.sum(r["mask"] * valid[None, ..., None], axis=(1, 2)), cfg)
+        counts = dynonn.per_group(jnp.sum(r.mask * valid[None, ..., None], axis=(1, 2)), cfg)
         usage = counts / jnp.maximum(jnp.sum(valid) * passes_per_group, 1.0)  # (G, E)
         m[f"experts/usage_{s}"] = jnp.mean(usage, axis=0)
         m[f"experts/usage_by_layer/{s}"] = usage
@@ -136,9 +134,9 @@ def gradients(params: dict, pool: lifecycle.PoolState, batch: Batch,
     """The family's role in the train step: main + gate gradients, finiteness, metrics, and the
     pool with this step's routing records."""
     mc = cfg.model
-    g_main, g_gate, out = compute_moe_gradients(params, pool.live, batch, mc)
+    g_main, g_gate, out = compute_gradients(params, pool.live, batch, mc)
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
-    m = moe_metrics(mc, batch, out, pool)
+    m = step_metrics(mc, batch, out, pool)
     m["train/grad_norm_main"] = optax.tree.norm(g_main)
     m["train/grad_norm_gate"] = optax.tree.norm(g_gate)
     return StepOutput(
@@ -170,9 +168,9 @@ def maintain(state: TrainState, cfg: DynOnnConfig, step: int, *,
     return state, lifecycle.events_from(p, step)
 
 
-def moe_logits(params: dict, pool: lifecycle.PoolState, tokens: jax.Array, cfg: DynOnnConfig, *,
-               positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+def eval_logits(params: dict, pool: lifecycle.PoolState, tokens: jax.Array, cfg: DynOnnConfig,
+                *, positions: jax.Array | None = None,
+                segment_ids: jax.Array | None = None) -> jax.Array:
     """Evaluation forward: live experts of the pool, evaluation-time fallback. -> (B,T,V)."""
-    return dynonn.moe_forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
-                            live=pool.live, training=False)[0]
+    return dynonn.forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
+                          live=pool.live, training=False)[0]

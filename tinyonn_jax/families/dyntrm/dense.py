@@ -2,16 +2,16 @@
 
 ``ModelConfig.attn_kind="mha"`` replaces DynSIHA+ by standard multi-head attention (q, k, v and
 o projections, each (D, D)) with the same RoPE and causal segment-local mask as
-``model/attention.py``; ``ModelConfig.ffn_kind="swiglu"`` replaces DynMoE by one dense SwiGLU FFN
+``dynsiha``; ``ModelConfig.ffn_kind="swiglu"`` replaces DynMoE by one dense SwiGLU FFN
 ``(silu(u W_gate) * (u W_up)) W_down`` of width ``ModelConfig.swiglu_width``. Everything else
 (embedding, pre-norm residual block, ``lax.scan`` over refinement steps, ACT head, readout) is
 shared, so a comparison isolates routing. A dense sublayer has no expert call site: its expert
 input and site residuals stay None in the block's ``residuals.StepResiduals`` and it takes no
 probe.
 
-Parameter names avoid the ``proto``/``gate`` prefixes of routing parameters (``params.py``), so
-every dense weight is a ``main`` parameter. ``match_param_count`` picks the dense twin's widths so
-that its parameter count is within 5% of a routed model's.
+Every dense weight is a ``MainParam`` (``modules.DenseAttention``, ``modules.SwiGlu``).
+``match_param_count`` picks the dense twin's widths so that its parameter count is within 5% of a
+routed model's.
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ from tinyonn_jax.nn import experts
 from tinyonn_jax.nn.routing import Route, route
 
 
-def route_moe(params: dict, u: jax.Array, cfg: ModelConfig) -> Route:
+def route_ffn(params: dict, u: jax.Array, cfg: ModelConfig) -> Route:
     """Route u (B,T,D) over the FFN experts -> Route with z (B,T,E)."""
     return route(u, params["proto"], params["gate"], cfg.ffn_routing, cfg.ffn_top_k)
 
 
-def moe_core(params: dict, u: jax.Array, z: jax.Array, probe: jax.Array | None,
+def ffn_core(params: dict, u: jax.Array, z: jax.Array, probe: jax.Array | None,
              dispatch: str = "dense", capacity_frac: float = 1.0,
              stats_sink: jax.Array | None = None) -> jax.Array:
     """``sum_e z_e E_e(u)`` (+ zero probe): u (B,T,D), z (B,T,E) -> (B,T,D).

@@ -62,7 +62,7 @@ def block_step(block: dict, x: jax.Array, probes: Probes | None, ctx: Context,
     ``hidden``, ``logits`` and ``halt_logits`` None (``refine`` adds them).
     """
     dt = x.dtype
-    # Dense baselines (model/dense.py) have no call site: no u/z/k residuals, no probes.
+    # Dense baselines (``dense``) have no call site: no u/z/k residuals, no probes.
     res = StepResiduals()
     if cfg.attn_kind == "mha":
         x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg)
@@ -85,10 +85,10 @@ def block_step(block: dict, x: jax.Array, probes: Probes | None, ctx: Context,
         x = dense.swiglu_sublayer(block, x, cfg)
     elif cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
-        rf = dynmoe.route_moe(block["ffn"], uf, cfg)
-        x = x + dynmoe.moe_core(block["ffn"], uf, rf.z, None if probes is None else probes.ffn,
-                             cfg.ffn_dispatch, cfg.capacity_frac,
-                             None if probes is None else probes.ffn_stats).astype(dt)
+        rf = dynmoe.route_ffn(block["ffn"], uf, cfg)
+        x = x + dynmoe.ffn_core(block["ffn"], uf, rf.z, None if probes is None else probes.ffn,
+                                cfg.ffn_dispatch, cfg.capacity_frac,
+                                None if probes is None else probes.ffn_stats).astype(dt)
         overflow_f = None
         if cfg.ffn_dispatch == "sparse":
             cap_f = experts.capacity(uf.size // uf.shape[-1], cfg.capacity_frac)

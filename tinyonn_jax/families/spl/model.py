@@ -21,7 +21,8 @@ The model: embedding -> L pre-norm blocks (Dimension-DynSIHA: one causal head wh
 are SPL layers; MoIE: SPL d -> m*d -> d) -> final LN -> LM head. ``recursion="stacked"`` scans
 over L distinct layers; ``"dyntrm"`` scans one shared block over ``steps`` refinement steps, PRC
 then running across steps with one shared transform. Either way a "site" is one application of a
-block (a layer or a step); per-site statistics are stacked on a leading axis L_eff.
+block (a layer or a step); per-site statistics are stacked on a leading axis L_eff. The forward's
+residuals are the typed tuples of ``residuals.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.families.spl.config import SplConfig
+from tinyonn_jax.families.spl.residuals import Aux, KindStats, SplResidual
 from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
 from tinyonn_jax.nn.context import Context, make_context
 from tinyonn_jax.nn.norm import layer_norm
@@ -79,12 +81,12 @@ def activate(pre: jax.Array, activation: str) -> jax.Array:
 
 def spl_apply(params: dict, x: jax.Array, mode: str, *, activation: str = "linear",
               proto: jax.Array | None = None,
-              probe: jax.Array | None = None) -> tuple[jax.Array, dict]:
+              probe: jax.Array | None = None) -> tuple[jax.Array, SplResidual]:
     """SPL forward: x (..., in) -> out (..., N) = act(x mu^T + b) * mask (+ zero probe).
 
     ``proto`` overrides ``params['proto_weight']`` (the PRC effective prototype). A zero ``probe``
-    added to the masked output makes dL/dM available from the same backward pass. Residuals:
-    x, pre (x mu^T + b), raw (routing logits after ReLU), mask.
+    added to the masked output makes dL/dM available from the same backward pass. Residuals
+    (``SplResidual``): x, pre (x mu^T + b), raw (routing logits after ReLU), mask.
     """
     p = params["proto_weight"] if proto is None else proto
     raw = spl_route(x, p, params["gate_param"])
@@ -93,7 +95,7 @@ def spl_apply(params: dict, x: jax.Array, mode: str, *, activation: str = "linea
     out = activate(pre, activation) * mask
     if probe is not None:
         out = out + probe
-    return out, {"x": x, "pre": pre, "raw": raw, "mask": mask}
+    return out, SplResidual(x=x, pre=pre, raw=raw, mask=mask)
 
 
 # ----------------------------------------------------------------------------- PRC
@@ -144,21 +146,22 @@ def spl_zero_probes(cfg: SplConfig, batch: int, length: int) -> dict[str, jax.Ar
     return {k: jnp.zeros(s, jnp.float32) for k, s in spl_probe_shapes(cfg, batch, length).items()}
 
 
-def _summarize(res: dict, valid: jax.Array) -> dict:
+def _summarize(res: SplResidual, valid: jax.Array) -> KindStats:
     """Per-site M-SAPS inputs of one module: activation count (N), anchor (N, in), mean input."""
-    x = jax.lax.stop_gradient(res["x"])
-    m = jax.lax.stop_gradient(res["mask"]) * valid[..., None]
+    x = jax.lax.stop_gradient(res.x)
+    m = jax.lax.stop_gradient(res.mask) * valid[..., None]
     count = jnp.sum(m, axis=(0, 1))
     anchor = jnp.einsum("btn,bti->ni", m, x) / jnp.maximum(count, 1.0)[:, None]
     x_mean = jnp.einsum("bt,bti->i", valid, x) / jnp.maximum(jnp.sum(valid), 1.0)
-    return {"count": count, "anchor": anchor, "x_mean": x_mean}
+    return KindStats(count=count, anchor=anchor, x_mean=x_mean)
 
 
 def spl_block(lp: dict, x: jax.Array, protos: dict, probes: dict | None, ctx: Context,
               cfg: SplConfig, with_stats: bool = True) -> tuple[jax.Array, dict, dict]:
     """One pre-norm block on x (B,T,D): Dimension-DynSIHA then MoIE.
 
-    Returns (x, per-kind summaries, per-kind full residuals (only when probes are given)).
+    Returns (x, per-kind ``KindStats`` (empty with ``with_stats=False``), per-kind full
+    ``SplResidual`` (empty unless probes are given)).
     """
     summ, full = {}, {}
 
@@ -188,13 +191,14 @@ def spl_block(lp: dict, x: jax.Array, protos: dict, probes: dict | None, ctx: Co
 
 def spl_forward(params: dict, tokens: jax.Array, cfg: SplConfig, *,
                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                probes: dict | None = None, with_stats: bool = True) -> tuple[jax.Array, dict]:
-    """tokens (B,T) -> logits (B,T,V) float32 and aux.
+                probes: dict | None = None, with_stats: bool = True) -> tuple[jax.Array, Aux]:
+    """tokens (B,T) -> logits (B,T,V) float32 and ``Aux``.
 
-    aux: ``stats[kind]`` = {count (L_eff,N), anchor (L_eff,N,in), x_mean (L_eff,in)} over valid
-    tokens (omitted with ``with_stats=False``, e.g. for evaluation); ``protos[kind]`` (L_eff,N,in);
-    ``tokens`` (number of valid tokens); ``context``; with ``probes``, ``residuals[kind]`` =
-    {x, pre, raw, mask} stacked over sites.
+    aux: ``stats[kind]`` (``KindStats``: count (L_eff,N), anchor (L_eff,N,in), x_mean (L_eff,in))
+    over valid tokens (None with ``with_stats=False``, e.g. for evaluation); ``protos[kind]``
+    (L_eff,N,in); ``tokens`` (number of valid tokens); ``context``; with ``probes`` {kind:
+    (L_eff,B,T,N)}, ``residuals[kind]`` (``SplResidual``: x, pre, raw, mask) stacked over sites,
+    else None.
     """
     ctx = make_context(tokens, positions, segment_ids)
     x = params["embed"][tokens]
@@ -212,8 +216,7 @@ def spl_forward(params: dict, tokens: jax.Array, cfg: SplConfig, *,
     x, (stats, residuals) = jax.lax.scan(body, x, (layers, protos, probes))
     h = layer_norm(params["final_ln"], x, cfg.ln_eps) if cfg.final_norm else x
     logits = jnp.einsum("btd,dv->btv", h, params["lm_head"], preferred_element_type=jnp.float32)
-    aux = {"stats": stats, "protos": protos, "tokens": jnp.sum(ctx.valid), "context": ctx}
-    if probes is not None:
-        aux["residuals"] = residuals
+    aux = Aux(stats=stats if with_stats else None, protos=protos, tokens=jnp.sum(ctx.valid),
+              context=ctx, residuals=None if probes is None else residuals)
     return logits, aux
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from tinyonn_jax.families.spl.config import SplConfig
 from tinyonn_jax.families.spl.model import activate, effective_prototypes
 from tinyonn_jax.families.spl.modules import param_labels
+from tinyonn_jax.families.spl.residuals import Aux, SplResidual
 from tinyonn_jax.nn.variables import MAIN, META, select
 
 
@@ -47,15 +48,16 @@ def cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
     return jnp.sum(a * b, -1) * na * nb
 
 
-def site_mu_grads(res: dict, cotangent: jax.Array, activation: str) -> dict:
+def site_mu_grads(res: SplResidual, cotangent: jax.Array, activation: str) -> dict:
     """Exact per-site mu gradients from a probe cotangent g = dL/dM on the masked output.
 
-    res: x (L,B,T,I), pre and mask (L,B,T,N); cotangent (L,B,T,N) -> mu_weight (L,N,I),
-    mu_bias (L,N). Summed over sites this is jax.grad of the (shared or stacked) mu leaves.
+    res (one kind of ``Aux.residuals``): x (L,B,T,I), pre and mask (L,B,T,N); cotangent
+    (L,B,T,N) -> mu_weight (L,N,I), mu_bias (L,N). Summed over sites this is jax.grad of the
+    (shared or stacked) mu leaves.
     """
-    _, act_vjp = jax.vjp(lambda p: activate(p, activation), res["pre"])
-    dpre = act_vjp(cotangent * res["mask"])[0]
-    return {"mu_weight": jnp.einsum("lbtn,lbti->lni", dpre, res["x"]),
+    _, act_vjp = jax.vjp(lambda p: activate(p, activation), res.pre)
+    dpre = act_vjp(cotangent * res.mask)[0]
+    return {"mu_weight": jnp.einsum("lbtn,lbti->lni", dpre, res.x),
             "mu_bias": jnp.sum(dpre, axis=(1, 2))}
 
 
@@ -149,29 +151,30 @@ def scale_proto_grads(grads: dict, prot: dict[str, jax.Array]) -> dict:
     return {**grads, "layers": layers}
 
 
-def msaps(params: dict, g_main: dict, aux: dict, ema_acc: jax.Array,
+def msaps(params: dict, g_main: dict, aux: Aux, ema_acc: jax.Array,
           cfg: SplConfig) -> tuple[dict, dict, dict]:
     """The meta-learning signals of one step.
 
-    g_main: gradient of the main loss alone (for mu_surprise). aux: from ``spl_forward``.
+    g_main: gradient of the main loss alone (for mu_surprise). aux: from ``spl_forward`` with
+    its statistics (``with_stats=True``).
     Returns (g_meta: weighted proto + gate + L2 gradients on ``meta`` leaves, g_l2_main: the L2
     gradient on ``main`` leaves, info: losses and per-kind statistics). Protection is *not*
     applied here: the caller scales the total proto gradient with ``info['protection']``.
     """
     labels = param_labels(cfg)
     lp, kinds = cfg.num_param_layers, cfg.kinds
-    st = aux["stats"]
+    st = aux.stats
     mu_s = {k: jax.lax.stop_gradient(row_norms(g_main["layers"][k]["mu_weight"])) for k in kinds}
     rate, active, good, bad, signs, site_active = {}, {}, {}, {}, {}, {}
     for k in kinds:  # module kinds
-        rate[k], active[k] = activity(st[k]["count"], aux["tokens"], lp)
+        rate[k], active[k] = activity(st[k].count, aux.tokens, lp)
         good[k], bad[k] = classify(mu_s[k], active[k], rate[k])
         signs[k] = jnp.where(good[k], -1.0, jnp.where(bad[k], 1.0, 0.0))
-        site_active[k] = st[k]["count"] > 0
+        site_active[k] = st[k].count > 0
 
     def proto_objective(p):
         protos = effective_prototypes(p, cfg)
-        return sum(proto_loss(protos[k], st[k]["anchor"], site_active[k], signs[k], mu_s[k])
+        return sum(proto_loss(protos[k], st[k].anchor, site_active[k], signs[k], mu_s[k])
                    for k in kinds)
 
     l_proto, g_proto = jax.value_and_grad(proto_objective)(params)
@@ -179,7 +182,7 @@ def msaps(params: dict, g_main: dict, aux: dict, ema_acc: jax.Array,
     target = {k: jax.lax.stop_gradient(mu_s[k] + proto_s[k]) for k in kinds}
 
     def gate_errors(p):
-        return {k: gate_predictions(p["layers"][k]["gate_param"], st[k]["x_mean"])
+        return {k: gate_predictions(p["layers"][k]["gate_param"], st[k].x_mean)
                 - jnp.broadcast_to(target[k], (cfg.num_sites, target[k].shape[-1]))
                 for k in kinds}
 

@@ -34,9 +34,10 @@ def spl_gradients(params: dict, batch: Batch, ema_acc: jax.Array, cfg: SplConfig
                   probes: dict | None = None):
     """(g_main, g_meta, protection, out): g_main = main loss (+ L2 on mu), g_meta = M-SAPS.
 
-    out holds the main loss ``ce``, its gradient ``g_ce``, logits, aux and the M-SAPS ``info``.
-    With zero ``probes`` (``spl.spl_zero_probes``) it also holds ``g_probes`` = dL/dM of every
-    masked SPL output and aux holds the residuals (per-site, per-token analysis).
+    out holds the main loss ``ce``, its gradient ``g_ce``, logits, aux (``residuals.Aux``) and
+    the M-SAPS ``info``. With zero ``probes`` (``model.spl_zero_probes``) it also holds
+    ``g_probes`` = dL/dM of every masked SPL output and ``aux.residuals`` is filled (per-site,
+    per-token analysis).
     """
     labels = param_labels(cfg)
 
@@ -71,10 +72,10 @@ def spl_metrics(cfg: SplConfig, batch: Batch, params: dict, out: dict, g_main: d
         "train/grad_norm_meta": optax.tree.norm(g_meta),
         "spl/temperature": info["temperature"],
     }
-    tokens = jnp.maximum(aux["tokens"], 1.0)
+    tokens = jnp.maximum(aux.tokens, 1.0)
     site_rates, n_all, n_good, n_bad, n_active, err, protos, prot_max = [], 0, 0, 0, 0, [], [], []
     for k in cfg.kinds:  # module kinds
-        count = aux["stats"][k]["count"]  # (L_eff, N)
+        count = aux.stats[k].count  # (L_eff, N)
         n = count.shape[-1]
         site_rates.append(jnp.sum(count, -1) / (tokens * n))
         m[f"spl/activation_rate/{k}"] = jnp.mean(site_rates[-1])
