@@ -144,7 +144,9 @@ class SarsConfig:
 
     enabled: bool = True
     importance: str = "attribution"
-    meta_loss: str = "entropy_plus"
+    # entropy_minus: seed 000 (log p(z) = log p(z|x) - log p(x|z)); see sars/losses.py for
+    # the direction each variant moves routing mass.
+    meta_loss: str = "entropy_minus"
     w_meta: float = 1.0
     w_act: float = 0.01
     isolate: bool = True  # main loss -> main params only; meta loss -> meta params only

@@ -2,13 +2,25 @@
 
 The routing logits ``r = u . proto^T / sqrt(d) - gate`` are recomputed from the stored expert
 inputs (held constant), so the meta loss reaches only the routing (``meta``) parameters and costs
-one small einsum per site. ``r`` equals z on active experts and keeps a gradient on inactive ones,
-so a gate that closed can reopen. Variants (reference.md section 3):
+one small einsum per site. ``r`` equals z on active experts and keeps a gradient on inactive
+ones, so a gate that closed can reopen.
 
-  entropy_plus     mean H(softmax(r + sg(G)))   (default; the original's final form)
-  entropy_minus    mean H(softmax(r - sg(G)))   (seed 000: prior = posterior - likelihood)
-  entropy_plain    mean H(softmax(r))
-  dyntrm_original  mean H(softmax(G(z)))        G recomputed with live z and C proportional to z
+Seed 000 (section 3.1) reads the routing as Bayesian inversion, log p(z) = log p(z|x) - log p(x|z):
+the routing logits r are the posterior and the goodness G stands in for the likelihood, so the
+prior the router should sharpen is r - G. Every variant lowers an entropy over experts; what
+differs is which logits it sharpens, hence where a meta step moves the routing mass
+softmax(r) (tested in tests/test_meta_direction.py):
+
+  entropy_minus    mean H(softmax(r - sg(G)))   default, seed 000. Sharpens r - G: mass moves
+                                                AWAY from high-goodness experts, toward experts
+                                                the router already prefers at low likelihood.
+  entropy_plus     mean H(softmax(r + sg(G)))   the original code from Oct 16 on. Sharpens
+                                                r + G: mass moves TOWARD high-goodness experts.
+  entropy_plain    mean H(softmax(r))           sharpens the current routing; G plays no part.
+  dyntrm_original  mean H(softmax(G(z)))        the original DynTRM: G recomputed with the live
+                                                weights z (C proportional to z) and not detached;
+                                                sharpens softmax(G(z)), no fixed direction
+                                                relative to the goodness of the forward pass.
 """
 
 from __future__ import annotations
