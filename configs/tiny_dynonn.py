@@ -8,7 +8,10 @@ from tinyonn_jax.families.dynonn.config import DynOnnConfig
 def get_config() -> Config:
     return Config(
         family="dynonn",
-        model=DynOnnConfig(hidden=64, num_heads=2, head_dim=32, ffn_hidden=32, num_layers=2,
+        # One head of 32 per attention expert (seed 002 / dyn_all_poc): under the default
+        # smha_mode="head_outputs" every expert attends over the sequence, so the attention
+        # cost grows with max_experts * num_heads.
+        model=DynOnnConfig(hidden=64, num_heads=1, head_dim=32, ffn_hidden=32, num_layers=2,
                            max_experts=16, init_experts=12, lifecycle_period=20,
                            lifecycle_window=20, regenerate=False),
         optim=OptimizerConfig(name="adamw", learning_rate=3e-3, kwargs=(("weight_decay", 0.01),)),

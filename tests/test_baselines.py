@@ -61,8 +61,8 @@ def test_routing_off_gives_exactly_uniform_weights():
     cfg = tiny_model_config(attn_routing="dense", ffn_routing="dense")
     params = modules.init_params(jax.random.key(0), cfg)
     _, aux = _forward(params, _batch(cfg)["inputs"], cfg=cfg)
-    for site, pool in (("q", cfg.num_attn_experts), ("k", cfg.num_attn_experts),
-                       ("v", cfg.num_attn_experts), ("ffn", cfg.num_ffn_experts)):
+    for site in cfg.routed_sites:
+        pool = cfg.num_ffn_experts if site == "ffn" else cfg.num_attn_experts
         z = np.asarray(aux.steps.site(site).z)
         assert z.shape[-1] == pool
         assert np.all(z == np.float32(1.0 / pool))
@@ -185,7 +185,7 @@ def test_dense_kinds_are_causal(kinds):
 
 
 @pytest.mark.parametrize("attn_kind,ffn_kind,sites", [
-    ("mha", "swiglu", ()), ("mha", "dynmoe", ("ffn",)), ("dynsiha", "swiglu", ("q", "k", "v"))])
+    ("mha", "swiglu", ()), ("mha", "dynmoe", ("ffn",)), ("dynsiha", "swiglu", ("attn",))])
 def test_sars_covers_only_existing_sites(attn_kind, ffn_kind, sites):
     model = tiny_model_config(attn_kind=attn_kind, ffn_kind=ffn_kind)
     assert model.routed_sites == sites

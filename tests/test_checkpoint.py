@@ -204,3 +204,33 @@ def test_killed_writer_never_replaces_last_good_checkpoint(tmp_path: Path) -> No
         assert ck.save(2, restored, {"epoch": 0, "index": 2}, {"run": "kill"})
         assert ck.all_steps() == [1, 2]
     assert not list(directory.glob("*orbax-checkpoint-tmp*"))
+
+
+def test_dyntrm_expert_pool_survives_save_and_restore(tmp_path: Path) -> None:
+    """The DynTRM lifecycle's pool (train-state extras: live masks, routing window, homeless
+    sums, typed PRNG key) comes back bitwise, with the template the trainer restores with."""
+    from tinyonn_jax.families.dyntrm import lifecycle
+    from tinyonn_jax.families.dyntrm.family import DYNTRM
+
+    cfg = (Config().replace_path("model.hidden", 16).replace_path("model.num_heads", 2)
+           .replace_path("model.num_attn_experts", 4).replace_path("model.num_ffn_experts", 4)
+           .replace_path("model.lifecycle_period", 2)
+           .replace_path("model.init_ffn_experts", 3))
+    opt = DYNTRM.build_optimizer(cfg)
+    state = DYNTRM.init_state(cfg, opt, jax.random.key(0))
+    pool = state.extras
+    assert isinstance(pool, lifecycle.PoolState)
+    pool = pool._replace(  # a pool that is not the initial one
+        live={**pool.live, "ffn": pool.live["ffn"].at[1].set(False)},
+        history={p: h + jnp.arange(h.size, dtype=h.dtype).reshape(h.shape)
+                 for p, h in pool.history.items()},
+        homeless_sum={p: s + 0.5 for p, s in pool.homeless_sum.items()},
+        homeless_count={p: c + 3.0 for p, c in pool.homeless_count.items()},
+        cursor=pool.cursor + 5, key=jax.random.split(pool.key)[0])
+    state = state._replace(extras=pool)
+    template = jax.eval_shape(lambda k: DYNTRM.init_state(cfg, opt, k), jax.random.key(1))
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(4, state, {"index": 4}, cfg.to_dict())
+        restored, _, _ = ck.restore(template)
+    _assert_bitwise_equal(restored.extras, state.extras)
+    _assert_bitwise_equal(restored, state)

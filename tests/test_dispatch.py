@@ -46,7 +46,7 @@ def test_sparse_bank_equals_dense_and_drops_overflow():
 
 
 def _cfgs(**kw):
-    dense = tiny_model_config(**kw)
+    dense = tiny_model_config(attn_layout="qkv_routers", **kw)  # the library's sparse dispatch
     sparse = dataclasses.replace(dense, attn_dispatch="sparse", ffn_dispatch="sparse",
                                  capacity_frac=1.0)
     return dense, sparse
@@ -124,7 +124,8 @@ def test_shared_dispatch_evaluates_the_union_once():
 
 def test_scan_equals_batched_dense():
     """``scan`` (one expert at a time) computes the same sums as the batched einsum."""
-    dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense")
+    dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense",
+                              attn_layout="qkv_routers")
     scan = dataclasses.replace(dense, attn_dispatch="scan", ffn_dispatch="scan")
     params = modules.init_params(jax.random.key(0), dense)
     toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, 18)
@@ -269,7 +270,7 @@ def test_train_step_sars_from_the_experts_backward_equals_batched(remat, attn_di
     from tinyonn_jax.families.dyntrm.step import compute_gradients
 
     dense = tiny_model_config(attn_dispatch="dense", ffn_dispatch="dense", remat=remat,
-                              capacity_frac=1.0)
+                              capacity_frac=1.0, attn_layout="qkv_routers")
     scan = dataclasses.replace(dense, attn_dispatch=attn_dispatch, ffn_dispatch=ffn_dispatch)
     assert tr.zero_probes(scan, B, T).ffn_stats is not None
     assert (tr.zero_probes(scan, B, T).attn_stats is not None) == (remat == "none")

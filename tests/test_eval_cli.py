@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 
 import jax
@@ -108,8 +109,12 @@ def test_cli_writes_report(run, capsys):
     assert {r["task_id"] for r in report["reports"]} == set(ids)
     assert {"task_score", "pair_pass2", "malformed_rate"} <= set(report["aggregate"])
     assert {"pass2", "top1", "n_views", "n_skipped"} <= set(report["reports"][0])
+    # The initial halting head never stops early: every view used all refinement steps.
+    steps = tiny_model_config().max_refinement_steps
+    assert report["aggregate"]["mean_refinement_steps"] == steps
     printed = capsys.readouterr().out
     assert "aggregate" in printed and ids[0] in printed
+    assert re.search(rf"mean refinement steps\W+{steps}\.00\b", printed)
 
 
 def test_bad_workdir_is_a_clear_error(tmp_path, run, capsys):

@@ -12,7 +12,10 @@ from tinyonn_jax.data import augment, tokenizer
 from tinyonn_jax.data.tasks import Task, load_tasks
 from tinyonn_jax.eval import evaluate
 from tinyonn_jax.eval.generate import Generation
+from tinyonn_jax.eval.recompute import FamilyLogits
 from tinyonn_jax.families.dyntrm import modules
+from tinyonn_jax.families.dyntrm.lifecycle import PoolState as Pool
+from tinyonn_jax.families.registry import get_family
 
 VIEWS = 8
 SEED = 3
@@ -40,16 +43,19 @@ def _wrong(truth: np.ndarray, k: int) -> np.ndarray:
 
 
 def _oracle(table: dict[bytes, tuple[np.ndarray, float]]):
-    """A stand-in for ``generate``: looks each prompt up and returns the scripted answer."""
+    """A stand-in for ``generate``: looks each prompt up and returns the scripted answer.
 
-    def fake_generate(params, tokens, lengths, cfg, *, max_new_tokens):
+    Row r of a call reports r + 1 refinement steps.
+    """
+
+    def fake_generate(params, tokens, lengths, cfg, *, max_new_tokens, live=None):
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         out = np.zeros((len(tokens), max_new_tokens), np.int32)
         ns, lps = np.zeros(len(tokens), np.int32), np.zeros(len(tokens), np.float32)
         for r in range(len(tokens)):
             answer, lp = table[tokens[r, tokens.shape[1] - lengths[r]:].tobytes()]
             out[r, :len(answer)], ns[r], lps[r] = answer, len(answer), lp
-        return Generation(out, ns, lps)
+        return Generation(out, ns, lps, steps=np.arange(1, len(tokens) + 1, dtype=np.int32))
 
     return fake_generate
 
@@ -120,6 +126,22 @@ def test_identity_view_alone_can_solve(monkeypatch):
     assert agg.task_score == 1.0
 
 
+def test_mean_refinement_steps_counts_real_rows_only(monkeypatch):
+    task = _task()
+    plan = {ti: [("ok", -1.0)] * VIEWS for ti in (0, 1)}
+    monkeypatch.setattr(evaluate, "generate", _oracle(_script(task, plan)))
+    views = augment.sample_views(task, VIEWS, evaluate.task_rng(SEED, task.task_id),
+                                 include_identity=True)
+    lengths = [len(tokenizer.serialize_prompt(v.apply(task), ti)) for ti in (0, 1) for v in views]
+    assert len({evaluate.bucket_length(n, 64, 4000) for n in lengths}) == 1  # one bucket
+    # 16 views in chunks of 10 and 6; the 6 are padded to 8 rows with 2 filler rows.
+    _, agg = evaluate.evaluate_tasks({}, _cfg(), [task], num_views=VIEWS, seed=SEED,
+                                     batch_size=10)
+    real = list(range(1, 11)) + list(range(1, 7))
+    assert agg.mean_refinement_steps == pytest.approx(np.mean(real))
+    assert agg.mean_refinement_steps != pytest.approx(np.mean(real + [7, 8]))
+
+
 def test_too_long_prompts_are_skipped_and_counted(monkeypatch):
     task = _task()
     plan = {ti: [("ok", -1.0)] * VIEWS for ti in (0, 1)}
@@ -166,5 +188,33 @@ def test_end_to_end_on_real_tasks():
     assert len(reports) == sum(len(t.test) for t in small)
     assert all(r.n_views + r.n_skipped == 2 for r in reports)
     assert agg.n_tasks == 2 and 0.0 <= agg.task_score <= 1.0
+    assert agg.mean_refinement_steps == cfg.model.max_refinement_steps  # the head never halts
     assert seen and seen[-1][0] == seen[-1][1] == sum(r.n_views for r in reports)
     assert set(reports[0].to_dict()) >= {"task_id", "pass2", "top1", "n_skipped"}
+
+
+_POOL = Pool(*[None] * len(Pool._fields))._replace(live={"ffn": "mask"})
+
+
+@pytest.mark.parametrize("family,extras,kv_cache", [
+    ("dyntrm", None, True), ("dyntrm", _POOL, True), ("spl", 0.0, False),
+    ("dynonn", "pool", False)])
+def test_generator_per_family(monkeypatch, family, extras, kv_cache):
+    """The KV-cache decoder for DynTRM (with a pool's live masks); recomputation of
+    ``family.logits`` with the extras for every other family."""
+    calls = []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: calls.append(("kv", a, k)))
+    monkeypatch.setattr(evaluate, "generate_by_recompute",
+                        lambda *a, **k: calls.append(("recompute", a, k)))
+    cfg = _cfg() if family == "dyntrm" else Config(family=family)
+    evaluate.make_generator("params", cfg, extras)("tokens", "lengths", 5)
+    (kind, args, kwargs), = calls
+    assert kind == ("kv" if kv_cache else "recompute")
+    live = None if extras is None else getattr(extras, "live", None)
+    assert kwargs == ({"max_new_tokens": 5, "live": live} if kv_cache else {"max_new_tokens": 5})
+    if kv_cache:
+        assert args == ("params", "tokens", "lengths", cfg.model)
+    else:
+        fn, state, *rest = args
+        assert fn == FamilyLogits(get_family(cfg), cfg) and state == ("params", extras)
+        assert rest == ["tokens", "lengths"]

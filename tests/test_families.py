@@ -63,7 +63,8 @@ def test_every_family_is_registered_and_its_types_give_the_known_groups(name):
 
 
 def test_renaming_a_leaf_does_not_move_it_between_groups():
-    model = dyntrm_modules.DynTRM(tiny_model_config(), jax.random.key(0))
+    model = dyntrm_modules.DynTRM(tiny_model_config(attn_layout="qkv_routers"),
+                                  jax.random.key(0))
     attn = model.block.attn
     # A routing tensor under a computation-sounding name, a computation one under "gate...".
     attn.library_mix = attn.proto_q

@@ -14,8 +14,9 @@ from tinyonn_jax.nn.attention import rope
 from tinyonn_jax.nn.norm import layer_norm
 
 B, T = 1, 6
+# The reference forward below mixes weights per token: DynSMHA's weight_mix form.
 CFG = dynonn.DynOnnConfig(hidden=8, num_heads=2, head_dim=2, ffn_hidden=4, num_layers=2,
-                     max_experts=3, init_experts=3, w_sdl=0.0)
+                     max_experts=3, init_experts=3, w_sdl=0.0, smha_mode="weight_mix")
 
 
 def _batch(cfg, seed=0):
@@ -95,9 +96,11 @@ def test_surprise_equals_brute_force(probed):
     _close(logits, probed["logits"])
     n = jnp.sum(probed["w"])
     for site in dynonn.SITES:
-        s_w = gating.token_surprise(probed["gp"], probed["aux"], site, "weight_grad", n)
+        s_w = gating.token_surprise(probed["gp"], probed["aux"], site, "weight_grad", n,
+                                     "weight_mix")
         _close(s_w, jnp.abs(g_w[site]) * n)
-        s_o = gating.token_surprise(probed["gp"], probed["aux"], site, "output_grad", n)
+        s_o = gating.token_surprise(probed["gp"], probed["aux"], site, "output_grad", n,
+                                     "weight_mix")
         z = probed["aux"].site(site).z
         _close(s_o, z * jnp.linalg.norm(g_o[site], axis=-1)[..., None] * n)
         routed = np.asarray(probed["aux"].site(site).mask)
@@ -125,7 +128,7 @@ def test_lambda_moves_from_balance_to_smk_as_pi_rises():
     assert np.all(np.diff(lam) < 0)
     low = metrics.pi_score(jnp.float32(8.0), jnp.float32(1.0), jnp.float32(2.0), 1.0, 0.5)
     high = metrics.pi_score(jnp.float32(0.01), jnp.float32(1.0), jnp.float32(0.01), 1.0, 0.5)
-    np.testing.assert_allclose(low, np.exp(-(0.5 * 8.0 + 0.5 * 2.0)), rtol=1e-6)
+    np.testing.assert_allclose(low, np.exp(-(8.0 / 1.0 + 0.5 * 2.0)), rtol=1e-6)
     assert float(gating.lambda_of_pi(low, 0.75, 10.0)) > 0.99
     assert float(gating.lambda_of_pi(high, 0.75, 10.0)) < 0.1
     np.testing.assert_allclose(gating.lambda_of_pi(jnp.float32(0.75), 0.75, 10.0), 0.5)
@@ -134,7 +137,8 @@ def test_lambda_moves_from_balance_to_smk_as_pi_rises():
 def test_gating_objective_mixes_balance_and_smk_by_lambda(probed):
     cfg, aux = probed["cfg"], probed["aux"]
     n = jnp.sum(probed["w"])
-    s = {k: gating.token_surprise(probed["gp"], aux, k, "weight_grad", n) for k in dynonn.SITES}
+    s = {k: gating.token_surprise(probed["gp"], aux, k, "weight_grad", n, cfg.smha_mode)
+         for k in dynonn.SITES}
     valid = jnp.ones((B, T))
     live = dynonn.init_live(cfg)
     objective = jax.jit(gating.gating_objective, static_argnums=6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -10,10 +11,13 @@ import numpy as np
 import pytest
 from conftest import tiny_model_config
 
+from tinyonn_jax.config import Config
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
 from tinyonn_jax.eval.generate import generate, left_pad
-from tinyonn_jax.families.dyntrm import modules
+from tinyonn_jax.eval.recompute import FamilyLogits, generate_by_recompute
+from tinyonn_jax.families.dyntrm import halting, modules
 from tinyonn_jax.families.dyntrm import transformer as tr
+from tinyonn_jax.families.dyntrm.family import DYNTRM
 
 NEW = 20
 REF_LEN = 40  # fixed shape of the reference forward: one compile per config
@@ -39,20 +43,25 @@ def _prompts(cfg):
     return [rng.integers(1, cfg.vocab_size, size=n).astype(np.int32) for n in (11, 6)]
 
 
-def _reference(params, cfg, prompts, new):
+def _reference(params, cfg, prompts, new, depth=None):
     """Greedy decoding by re-running ``transformer.forward`` on the whole sequence each time.
 
     Sequences are right-padded to a fixed length; under the causal mask later slots cannot
-    change earlier logits, so this is the plain full recompute with a single compile.
+    change earlier logits, so this is the plain full recompute with a single compile. With
+    ``depth`` (one per prompt) the forward is ``forward_adaptive`` frozen after that depth.
     """
-    fwd = jax.jit(functools.partial(tr.forward, cfg=cfg))
+    if depth is None:
+        fwd = jax.jit(functools.partial(tr.forward, cfg=cfg))
+    else:
+        fwd = jax.jit(lambda p, t, d: tr.forward_adaptive(p, t, cfg, depth=d))
     toks, logps = [], []
-    for p in prompts:
+    for row, p in enumerate(prompts):
         seq, out, lp = list(p), [], []
+        extra = () if depth is None else (jnp.asarray([depth[row]]),)
         for _ in range(new):
             buf = np.full((1, REF_LEN), PAD, np.int32)
             buf[0, :len(seq)] = seq
-            logits = np.asarray(fwd(params, jnp.asarray(buf))[0][0, len(seq) - 1])
+            logits = np.asarray(fwd(params, jnp.asarray(buf), *extra)[0][0, len(seq) - 1])
             t = int(np.argmax(logits))
             lp.append(float(jax.nn.log_softmax(jnp.asarray(logits))[t]))
             out.append(t)
@@ -67,6 +76,7 @@ def _reference(params, cfg, prompts, new):
 def _check_against_reference(params, cfg, prompts, new):
     tokens, lengths = left_pad(prompts)
     gen = generate(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg, max_new_tokens=new)
+    np.testing.assert_array_equal(gen.steps, cfg.max_refinement_steps)  # the head never halts
     ref_toks, ref_lp = _reference(params, cfg, prompts, new)
     out = np.asarray(gen.tokens)
     for row, (rt, rl) in enumerate(zip(ref_toks, ref_lp, strict=True)):
@@ -80,8 +90,9 @@ def _check_against_reference(params, cfg, prompts, new):
 
 @pytest.mark.parametrize("rope", ["none", "rope1d"])
 @pytest.mark.parametrize("use_ffn", [True, False])
-def test_kv_cache_equals_full_recompute(rope, use_ffn):
-    cfg = tiny_model_config(rope=rope, use_ffn=use_ffn)
+@pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
+def test_kv_cache_equals_full_recompute(rope, use_ffn, layout):
+    cfg = tiny_model_config(rope=rope, use_ffn=use_ffn, attn_layout=layout)
     params = _model(cfg)
     prompts = _prompts(cfg)
     gen, ref = _check_against_reference(params, cfg, prompts, NEW)
@@ -89,8 +100,9 @@ def test_kv_cache_equals_full_recompute(rope, use_ffn):
     assert len({tuple(r) for r in ref}) == 2  # the two rows really differ
 
 
-def test_left_padding_does_not_change_a_row():
-    cfg = tiny_model_config(rope="rope1d")
+@pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
+def test_left_padding_does_not_change_a_row(layout):
+    cfg = tiny_model_config(rope="rope1d", attn_layout=layout)
     params = _model(cfg)
     p = _prompts(cfg)[1]
     alone = generate(params, jnp.asarray(p[None]), jnp.asarray([len(p)]), cfg, max_new_tokens=8)
@@ -149,3 +161,83 @@ def test_left_pad_rejects_bad_prompts():
         left_pad([np.array([1, 2]), np.array([], np.int32)])
     with pytest.raises(ValueError, match="does not fit"):
         left_pad([np.arange(5)], length=3)
+
+
+# Adaptive depth: each row's depth is decided once from its prompt (prefill), then frozen.
+
+def _adaptive_case(rule):
+    """Config, params and the two prompts, which get different depths under ``rule``."""
+    cfg = tiny_model_config(rope="rope1d", max_refinement_steps=3, halting=rule)
+    params = _model(cfg)
+    prompts = _prompts(cfg)
+    readout = tr.make_readout(cfg)
+    steps = [tr.forward(params, jnp.asarray(p[None]), cfg)[1].steps for p in prompts]
+    if rule == "learned":
+        # Point the head along the difference of the prompts' pooled states after step 1, so
+        # row 0 halts at once and row 1 does not.
+        h0, h1 = (np.asarray(readout(params, st.hidden[0])[0][0]).mean(0) for st in steps)
+        d = h0 - h1
+        c = 50.0 / float(d @ d)
+        params["halt"]["w"] = jnp.stack([jnp.asarray(c * d), jnp.zeros_like(d)], axis=1)
+        params["halt"]["b"] = jnp.array([-c * float(d @ (h0 + h1)) / 2, 0.0])
+        return cfg, params, prompts
+    # Uncertainty: a tau between the prompts' entropies that gives them different depths.
+    # Each prompt's step logits (S,T,V) as S rows of row_entropy: e (S, 2).
+    e = np.stack([np.asarray(halting.row_entropy(st.logits[:, 0], jnp.ones(st.logits.shape[::2])))
+                  for st in steps], axis=1)
+    values = np.unique(e)
+    for tau in (values[1:] + values[:-1]) / 2:
+        below = e < tau
+        depth = np.where(below.any(0), below.argmax(0) + 1, cfg.max_refinement_steps)
+        if depth[0] != depth[1]:
+            return dataclasses.replace(cfg, halt_tau=float(tau)), params, prompts
+    raise AssertionError(f"no tau separates the prompts' depths: {e}; change the seed")
+
+
+@pytest.mark.parametrize("rule", ["learned", "uncertainty"])
+def test_adaptive_depth_kv_cache_equals_recompute_at_the_same_depth(rule):
+    cfg, params, prompts = _adaptive_case(rule)
+    tokens, lengths = left_pad(prompts)
+    gen = generate(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg, max_new_tokens=NEW)
+    depth = np.asarray(gen.steps)
+    # The depth is the rule's on the prompt alone (forward_adaptive on the unpadded prompt).
+    alone = [int(tr.forward_adaptive(params, jnp.asarray(p[None]), cfg)[1][0]) for p in prompts]
+    np.testing.assert_array_equal(depth, alone)
+    assert depth[0] != depth[1] and depth.min() < cfg.max_refinement_steps
+    ref_toks, ref_lp = _reference(params, cfg, prompts, NEW, depth=depth)
+    out = np.asarray(gen.tokens)
+    for row, (rt, rl) in enumerate(zip(ref_toks, ref_lp, strict=True)):
+        n = int(gen.num_generated[row])
+        assert n == len(rt) == NEW
+        np.testing.assert_array_equal(out[row, :n], rt)
+        np.testing.assert_allclose(float(gen.mean_logprob[row]), np.mean(rl), atol=1e-5)
+    # Freezing matters: at full depth the shallow row decodes to other tokens or log-probs.
+    early = int(np.argmin(depth))
+    full_toks, full_lp = _reference(params, cfg, [prompts[early]], NEW)
+    assert full_toks[0] != ref_toks[early] or abs(np.mean(full_lp[0]) - np.mean(ref_lp[early])) \
+        > 1e-3
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_generate_by_recompute_equals_kv_cache_generate(pool):
+    """Also with an expert pool: the KV-cache decoder routes over the live experts only, like
+    the full forward (``family.logits`` with the pool)."""
+    kw = dict(lifecycle_period=2, init_attn_experts=2, init_ffn_experts=3) if pool else {}
+    cfg = tiny_model_config(rope="rope1d", **kw)
+    params = _model(cfg)
+    extras = DYNTRM.init(jax.random.key(0), Config(model=cfg))[1]
+    assert (extras is not None) == pool
+    live = None if extras is None else extras.live
+    tokens, lengths = (jnp.asarray(a) for a in left_pad(_prompts(cfg)))
+    gen = generate(params, tokens, lengths, cfg, max_new_tokens=NEW, live=live)
+    if pool:  # the dead experts matter: routing over every expert decodes differently
+        everyone = generate(params, tokens, lengths, cfg, max_new_tokens=NEW)
+        assert not np.allclose(everyone.mean_logprob, gen.mean_logprob, atol=1e-4)
+    logits_fn = FamilyLogits(DYNTRM, Config(model=cfg))
+    rec = generate_by_recompute(logits_fn, (params, extras), tokens, lengths,
+                                max_new_tokens=NEW)
+    assert rec.steps is None
+    np.testing.assert_array_equal(rec.tokens, gen.tokens)
+    np.testing.assert_array_equal(rec.num_generated, gen.num_generated)
+    np.testing.assert_allclose(rec.mean_logprob, gen.mean_logprob, atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(gen.tokens).tolist()}) == 2

@@ -124,7 +124,7 @@ def test_params_of_another_config_raise(jit: bool) -> None:
     with pytest.raises(ValueError, match="params do not match the model of cfg") as info:
         fwd(_params(hidden=32), _tokens(), cfg=CFG)
     # the first mismatching leaf (tree order), its shape and the expected shape
-    assert "params['block']['attn']['library']['w1'] has shape (4, 16, 16), expected (4, 8, 8)" \
+    assert "params['block']['attn']['proto_attn'] has shape (4, 32), expected (4, 16)" \
         in str(info.value)
     missing = dict(_params())
     del missing["halt"]

@@ -101,6 +101,7 @@ def test_imported_config_and_params_fit_the_model():
     assert (m.max_refinement_steps, m.head_dim, m.attn_mlp_hidden) == (S, DH, DH)
     assert (m.rope, m.use_ffn, m.final_norm, m.attn_routing, m.ln_eps) == (
         "none", False, False, "capr", 1e-5)
+    assert m.attn_layout == "qkv_routers"  # pinned: the default is the seed's latent heads
     want = jax.eval_shape(lambda k: modules.init_params(k, m), jax.random.key(0))
     assert jax.tree.structure(want) == jax.tree.structure(params)
     for w, p in zip(jax.tree.leaves(want), jax.tree.leaves(params), strict=True):
@@ -172,6 +173,8 @@ def test_export_refuses_what_the_original_cannot_represent():
         export_state_dict(params, bad)
     for needle in ("use_ffn=True", "rope='rope1d'", "final_norm=True"):
         assert needle in str(e.value)
+    with pytest.raises(ValueError, match="attn_layout='latent_heads'"):
+        export_state_dict(params, dataclasses.replace(cfg.model, attn_layout="latent_heads"))
     extra = dict(params, final_ln={"scale": np.ones(D), "bias": np.zeros(D)})
     with pytest.raises(ValueError, match="unexpected \\['final_ln'\\]"):
         export_state_dict(extra, cfg)

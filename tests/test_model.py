@@ -26,8 +26,9 @@ def _setup(cfg, b=2, seed=0):
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("rope", ["none", "rope1d"])
-def test_scan_equals_unrolled(jit, rope):
-    cfg = tiny_model_config(rope=rope, max_refinement_steps=3)
+@pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
+def test_scan_equals_unrolled(jit, rope, layout):
+    cfg = tiny_model_config(rope=rope, max_refinement_steps=3, attn_layout=layout)
     params, tokens = _setup(cfg)
     def fwd(p, t):
         return tr.forward(p, t, cfg)[0]
@@ -42,7 +43,9 @@ def test_scan_equals_unrolled(jit, rope):
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_is_causal(tiny_cfg):
+@pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
+def test_attention_is_causal(layout):
+    tiny_cfg = tiny_model_config(attn_layout=layout)
     params, tokens = _setup(tiny_cfg, b=1)
     ctx = context.make_context(tokens)
     x0 = tr.embed(params, tokens, tiny_cfg)
@@ -58,7 +61,9 @@ def test_attention_is_causal(tiny_cfg):
     assert np.all(np.asarray(dep)[~later] > 0.0)
 
 
-def test_segments_do_not_attend_to_each_other(tiny_cfg):
+@pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
+def test_segments_do_not_attend_to_each_other(layout):
+    tiny_cfg = tiny_model_config(attn_layout=layout, rope="rope1d")
     params, tokens = _setup(tiny_cfg, b=1)
     seg = jnp.array([[1, 1, 1, 2, 2, 0]])
     pos = jnp.array([[0, 1, 2, 0, 1, 0]])
@@ -137,10 +142,12 @@ def test_remat_same_loss_and_grads(policy):
     chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-7)
 
 
-def test_full_remat_saves_the_step_input_and_the_routing_masks_only(capsys):
+@pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
+def test_full_remat_saves_the_step_input_and_the_routing_masks_only(capsys, layout):
     """A rematerialised step keeps x and one bool mask per call site; the routing weights z,
     already returned for SARS, are recomputed from the masks instead of stored twice."""
-    cfg = tiny_model_config(remat="full", hidden=32, num_attn_experts=6, num_ffn_experts=5)
+    cfg = tiny_model_config(remat="full", hidden=32, num_attn_experts=6, num_ffn_experts=5,
+                            attn_layout=layout)
     params, tokens = _setup(cfg)
     x = tr.embed(params, tokens, cfg)
     ctx = context.make_context(tokens)
@@ -150,8 +157,9 @@ def test_full_remat_saves_the_step_input_and_the_routing_masks_only(capsys):
     saved = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     b, t = tokens.shape
     masks = [s for s in saved if "named 'routing'" in s]
-    assert sorted(s.split()[0] for s in masks) == sorted(
-        [f"bool[{b},{t},{cfg.num_heads},6]"] * 3 + [f"bool[{b},{t},5]"])
+    attn_masks = ([f"bool[{b},{t},6]"] if layout == "latent_heads"  # one router: attn
+                  else [f"bool[{b},{t},{cfg.num_heads},6]"] * 3)  # q, k, v per head
+    assert sorted(s.split()[0] for s in masks) == sorted(attn_masks + [f"bool[{b},{t},5]"])
     activations = [s for s in saved if "named 'routing'" not in s and "constant" not in s]
     assert [s.split()[0] for s in activations] == [f"f32[{b},{t},32]"]  # x itself
 
@@ -193,22 +201,25 @@ def test_halting_freezes_finished_rows(tiny_cfg):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_param_labels_cover_every_leaf_once(tiny_cfg):
-    params = modules.init_params(jax.random.key(0), tiny_cfg)
-    labels = modules.param_labels(tiny_cfg)
+@pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
+def test_param_labels_cover_every_leaf_once(layout):
+    cfg = tiny_model_config(attn_layout=layout)
+    params = modules.init_params(jax.random.key(0), cfg)
+    labels = modules.param_labels(cfg)
     assert jax.tree.structure(labels) == jax.tree.structure(params)
     flat = jax.tree_util.tree_flatten_with_path(labels)[0]
     assert {lab for _, lab in flat} == {MAIN, META}
     meta_names = sorted(jax.tree_util.keystr(p) for p, lab in flat if lab == META)
+    sites = ("attn",) if layout == "latent_heads" else tuple("qkv")
     assert meta_names == sorted(
-        [f"['block']['attn']['{k}_{c}']" for k in ("gate", "proto") for c in "qkv"]
+        [f"['block']['attn']['{k}_{c}']" for k in ("gate", "proto") for c in sites]
         + ["['block']['ffn']['gate']", "['block']['ffn']['proto']"])
 
 
 @pytest.mark.parametrize("field,value", [
     ("hidden", 0), ("num_heads", 3), ("attn_routing", "softmax"), ("rope", "3d"),
     ("max_refinement_steps", -1), ("remat", "everything"), ("ln_eps", 0.0),
-    ("attn_capacity_frac", 1.5),
+    ("attn_capacity_frac", 1.5), ("attn_layout", "heads"), ("attn_dispatch", "sparse"),
 ])
 def test_bad_model_config_raises(field, value):
     with pytest.raises(ValueError, match=field):

@@ -82,19 +82,24 @@ def _history(n: int = 120) -> dict[str, list[tuple[int, float]]]:
     steps = range(n)
     h = {
         "train/main_loss": [(s, 3.0 / (1 + s / 10) + 0.1 * rng.random()) for s in steps],
-        "train/meta_loss": [(s, 1.0 - s / (2 * n)) for s in steps],
+        "train/gating_loss": [(s, 1.0 - s / (2 * n)) for s in steps],
+        "train/sparsity_loss": [(s, 0.1) for s in steps],
+        "train/gating_acc": [(s, 0.5 - s / (4 * n)) for s in steps],
+        "train/lambda": [(s, 0.9) for s in steps],
+        "train/avg_k": [(s, 3.0) for s in steps],
         "train/main_acc": [(s, s / n) for s in steps],
         "train/pi_score": [(s, 0.5) for s in steps],
         "train/surprise": [(s, 1.0 / (1 + s)) for s in steps],
         "train/tau": [(s, 2.0 - s / n) for s in steps],
         "route/avg_k/attn_q": [(s, 4.0) for s in steps],
         "route/avg_k/ffn": [(s, 2.0) for s in steps],
-        "experts/num_experts": [(s, 16 + s // 40) for s in steps],
+        "train/num_experts": [(s, 16 + s // 40) for s in steps],
     }
     return h
 
 
 def test_core_dashboard_full_history(tmp_path: Path) -> None:
+    """The PNG writer (what each panel plots: tests/test_dashboards.py)."""
     out = plot_core_metrics(_history(), tmp_path)
     assert out == tmp_path / CORE_METRICS_PNG and _is_png(out)
 

@@ -30,7 +30,7 @@ def test_bf16_compute_keeps_routing_and_logits_in_f32():
     l32, aux32 = tr.forward(params, toks, f32)
     l16, aux16 = tr.forward(params, toks, bf16)
     assert aux16.steps.hidden.dtype == jnp.bfloat16  # the residual stream is computed in bf16
-    for site in ("q", "ffn"):  # routing weights and decisions stay float32
+    for site in f32.routed_sites:  # routing weights and decisions stay float32
         assert aux16.steps.site(site).z.dtype == jnp.float32
     assert l16.dtype == jnp.float32
     np.testing.assert_allclose(l16, l32, atol=0.1)  # bf16 rounding, not a different model
@@ -69,7 +69,7 @@ def test_bf16_remat_reuses_the_forward_routing():
         (_, aux), g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params,
                                                                                         cfg)
         grads[policy] = (g, aux)
-    for site in ("q", "k", "v", "ffn"):
+    for site in base.routed_sites:
         np.testing.assert_array_equal(grads["none"][1].steps.site(site).z > 0,
                                       grads["full"][1].steps.site(site).z > 0)
     for a, b in zip(jax.tree.leaves(grads["none"][0]), jax.tree.leaves(grads["full"][0]),

@@ -84,9 +84,11 @@ def _make_copies(params, cfg):
             "ffn": {k: rep(bank[k], (s, B, T)) for k in ("w1", "w2")}}
 
 
-@pytest.fixture(scope="module")
-def brute():
-    cfg = tiny_model_config()
+@pytest.fixture(scope="module", params=["capr", "topk"])
+def brute(request):
+    """The q, k, v layout (its library is an ExpertBank; the latent heads are brute-forced in
+    test_latent_heads.py) with DynMoE routing by CAPR (dynamic K) or top-k."""
+    cfg = tiny_model_config(attn_layout="qkv_routers", ffn_routing=request.param)
     params, inputs, targets, w = _data(cfg)
     loss, aux, gp, gprobe = _probe_grads(params, inputs, targets, w, cfg)
     copies = _make_copies(params, cfg)
@@ -107,6 +109,11 @@ def _close(a, b, rtol=1e-5):
 
 def test_brute_force_forward_is_the_model(brute):
     _close(brute["loss"], brute["loss_b"], 1e-6)
+    cfg, k = brute["cfg"], np.asarray(brute["aux"].steps.ffn.k)
+    if cfg.ffn_routing == "topk":  # the top-k FFN routing really ran: exactly k experts each
+        assert np.all(k == cfg.ffn_top_k)
+    else:  # CAPR: a dynamic number of experts
+        assert len(np.unique(k)) > 1
 
 
 def test_per_token_norms_equal_brute_force(brute):
@@ -328,8 +335,8 @@ def _direct_meta_loss(params, aux, stats, valid, cfg, variant):
 def test_scanned_sars_pass_equals_direct_computation(variant, dispatch):
     from tinyonn_jax.families.dyntrm.sars import engine
 
-    cfg = dataclasses.replace(tiny_model_config(), attn_dispatch=dispatch, ffn_dispatch=dispatch,
-                              capacity_frac=1.0)
+    cfg = dataclasses.replace(tiny_model_config(attn_layout="qkv_routers"), attn_dispatch=dispatch,
+                              ffn_dispatch=dispatch, capacity_frac=1.0)
     params, inputs, targets, w = _data(cfg)
     _, aux, _, gprobe = _probe_grads(params, inputs, targets, w, cfg)
     valid = jnp.ones((B, T)).at[0, -1].set(0.0)

@@ -1,5 +1,6 @@
 """SPL family (issue 6, seed 001): SPL layer, PRC, M-SAPS statistics against brute force."""
 
+import dataclasses
 import functools
 
 import jax
@@ -378,8 +379,9 @@ def test_meta_step_pulls_good_and_pushes_bad():
     assert moved["good"] > 0 and moved["bad"] > 0
 
 
-def test_protection_freezes_a_fully_protected_prototype():
-    cfg, batch = _NO_PRC, _batch(seed=4)
+@pytest.mark.parametrize("rule", ["seed", "original"])
+def test_protection_freezes_a_fully_protected_prototype(rule):
+    cfg, batch = dataclasses.replace(_NO_PRC, protection=rule), _batch(seed=4)
     opt, step = _sgd_step(cfg)
     state = SPL.init_state(_full(cfg), opt, jax.random.key(4))
     layers = dict(state.params["layers"])

@@ -1,5 +1,10 @@
 """``tinyonn-eval``: score a training checkpoint on ARC tasks (augmentation voting, pass@2).
 
+Any family: DynTRM generates with its KV cache and per-row adaptive depth (``model.halting``),
+SPL, DynONN and a DynTRM with an expert pool by recomputing their forward per token with the
+extras the checkpoint saved (the live-expert pools). The report includes the mean refinement
+steps used (DynTRM's KV-cache path).
+
     tinyonn-eval --workdir DIR [--step N] [--source arc1|arc2|PATH] [--split train|eval]
                  [--max-tasks K] [--views V] [--out report.json] [--print-config] [--debug]
 
@@ -9,10 +14,10 @@ to a live training run. Prints a per-test-pair table and the aggregate, and writ
 stops.
 
 Everything that can be checked before generation is: the checkpoint, the generation budget
-against ``model.max_len``, the tasks (at least one test pair with a known answer) and the report
-path (its directory is created and must accept a new file). The report is written to a temporary
-file in that directory and moved over ``--out`` with ``os.replace``, so an existing report is
-either kept whole or replaced whole.
+against ``model.max_len`` (DynTRM), the tasks (at least one test pair with a known answer) and
+the report path (its directory is created and must accept a new file). The report is written
+to a temporary file in that directory and moved over ``--out`` with ``os.replace``, so an
+existing report is either kept whole or replaced whole.
 
 A problem with the input (flags, workdir, checkpoint, tasks, report path) is a ``UserError``:
 one line ``tinyonn-eval: <what> (<field or path>)`` on stderr and exit code 2, its traceback only
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any
 
 import jax
 from rich.console import Console
@@ -47,8 +53,7 @@ from tinyonn_jax.eval.evaluate import (
     prompt_limit,
 )
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
-from tinyonn_jax.families.dyntrm import modules
-from tinyonn_jax.families.dyntrm.family import DYNTRM
+from tinyonn_jax.families.registry import get_family
 from tinyonn_jax.runtime import configure_xla_cpu
 from tinyonn_jax.workdir import write_atomic
 
@@ -92,12 +97,13 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"must be >= {low}, got {value} ({flag})")
 
 
-def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
-    """Parameters, config and step of a checkpoint in ``workdir/checkpoints``.
+def restore(workdir: Path, step: int | None) -> tuple[dict, Any, Config, int]:
+    """Parameters, family extras, config and step of a checkpoint in ``workdir/checkpoints``.
 
-    The config saved with the step defines the train-state template (``step.init_state`` with
-    the optimizer of ``optim.build_optimizer``, as the training program builds it); only the
-    parameters are returned. Every failure is a ``UserError`` naming the path.
+    The config saved with the step names the family and defines the train-state template
+    (``family.init_state`` with ``family.build_optimizer``, as the training program builds
+    it); the evaluation parameters (the EMA when kept) and the family's extras are returned.
+    Every failure is a ``UserError`` naming the path.
     """
     if not workdir.is_dir():
         raise UserError(f"workdir does not exist ({workdir})")
@@ -120,23 +126,21 @@ def restore(workdir: Path, step: int | None) -> tuple[dict, Config, int]:
         except (TypeError, ValueError) as e:
             raise UserError(f"bad config stored in the checkpoint: {_one_line(e)} "
                             f"({where})") from e
-        if cfg.family != "dyntrm":
-            raise UserError(f"generation supports the dyntrm family, {where} is a "
-                            f"{cfg.family!r} model (config family)")
+        family = get_family(cfg)
         key = jax.random.key(cfg.train.seed)
-        optimizer = DYNTRM.build_optimizer(cfg)
-        template = jax.eval_shape(lambda k: DYNTRM.init_state(cfg, optimizer, k), key)
+        optimizer = family.build_optimizer(cfg)
+        template = jax.eval_shape(lambda k: family.init_state(cfg, optimizer, k), key)
         try:
             state, _, _ = ckpt.restore(template, step=step)
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"the saved train state does not match the one its config builds: "
                             f"{_one_line(e)} ({where})") from e
     try:
-        validate.check_params(state.params, cfg.model, modules.param_layout(cfg.model))
+        validate.check_params(state.params, cfg.model, validate.param_layout(template.params))
     except ValueError as e:
         raise UserError(f"the saved parameters do not fit the saved config: {_one_line(e)} "
                         f"({where})") from None
-    return train_state.eval_params(state), cfg, step
+    return train_state.eval_params(state), state.extras, cfg, step
 
 
 def check_report_path(out: Path) -> None:
@@ -162,9 +166,11 @@ def _table(reports: list[EvalTestReport], agg: EvalAggregate) -> tuple[Table, Ta
     tot = Table(title="aggregate")
     tot.add_column("metric")
     tot.add_column("value", justify="right")
+    steps = agg.mean_refinement_steps
     for k, v in (*agg.table().items(), ("tasks", agg.n_tasks), ("test pairs", agg.n_pairs),
                  ("views skipped (too long)", agg.n_views_skipped),
-                 ("pairs without answer", agg.n_pairs_unscored)):
+                 ("pairs without answer", agg.n_pairs_unscored),
+                 ("mean refinement steps", "-" if steps is None else f"{steps:.2f}")):
         tot.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     return per, tot
 
@@ -173,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     """Restore, check everything checkable, generate, print the tables, write the report."""
     _check_args(args)
     workdir = Path(args.workdir)
-    params, cfg, step = restore(workdir, args.step)
+    params, extras, cfg, step = restore(workdir, args.step)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -205,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         job = bar.add_task("generating", total=None)
         reports, agg = evaluate_tasks(
             params, cfg, tasks, num_views=args.views, seed=args.seed, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens, extras=extras,
             progress=lambda done, total: bar.update(job, completed=done, total=total))
     for t in _table(reports, agg):
         console.print(t)

@@ -1,15 +1,18 @@
 """ARC evaluation: augmented views -> greedy generation -> map back -> vote -> pass@2.
 
 For every task and test pair, ``num_views`` views are drawn (the identity view first, always),
-each view's prompt is generated from greedily with the KV-cache decoder, the answer is decoded
-and mapped back to the original frame, and ``scoring.score_test`` votes over the views.
+each view's prompt is generated from greedily (``make_generator``: DynTRM with its KV-cache
+decoder and adaptive depth, every other family by recomputing ``family.logits``), the answer is
+decoded and mapped back to the original frame, and ``scoring.score_test`` votes over the views.
+The aggregate reports the mean refinement steps the generations used (DynTRM's per-row depth).
 
 Static shapes: prompts are grouped into power-of-two length buckets (at least ``min_bucket``,
 capped at the longest admissible prompt) and generated in batches of a power-of-two number of
 rows (at most ``batch_size``), so ``generate`` compiles at most
 ``#buckets * (log2(batch_size) + 1)`` times whatever the number of tasks.
 
-A prompt longer than ``cfg.model.max_len - max_new_tokens`` is skipped and counted
+A prompt longer than ``cfg.model.max_len - max_new_tokens`` (for a family whose model has a
+``max_len``; the others have no limit) is skipped and counted
 (``n_skipped`` of its test pair, ``n_views_skipped`` overall); a pair whose every view was
 skipped is scored as unsolved. A generation is malformed (``None``, casts no vote) when it does
 not decode to a grid or never emitted a stop token within the budget.
@@ -21,15 +24,27 @@ import dataclasses
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from tinyonn_jax.config import Config
 from tinyonn_jax.data import augment, tokenizer
 from tinyonn_jax.data.tasks import Task
 from tinyonn_jax.eval import scoring
-from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS, STOP_TOKENS, generate, left_pad
+from tinyonn_jax.eval.generate import (
+    DEFAULT_MAX_NEW_TOKENS,
+    STOP_TOKENS,
+    Generation,
+    generate,
+    left_pad,
+)
+from tinyonn_jax.eval.recompute import FamilyLogits, generate_by_recompute
+from tinyonn_jax.families.registry import get_family
+
+# (tokens (B, Tp), lengths (B,), max_new_tokens) -> Generation
+Generator = Callable[[jax.Array, jax.Array, int], Generation]
 
 
 @dataclass
@@ -48,7 +63,9 @@ class EvalAggregate(scoring.Aggregate):
     n_views_skipped: int = 0  # views whose prompt exceeded the length limit
     n_pairs_unscored: int = 0  # test pairs without a known answer (hidden test sets)
     max_new_tokens: int = 0
-    prompt_limit: int = 0
+    prompt_limit: int | None = 0  # None: the model has no length limit
+    # Mean refinement steps over the generated views; None when the family has no adaptive depth.
+    mean_refinement_steps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,17 +82,23 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def bucket_length(n: int, min_bucket: int, limit: int) -> int:
-    """Padded prompt length for a prompt of ``n <= limit`` tokens: a power of two, capped."""
-    return min(max(min_bucket, _next_pow2(n)), limit)
+def bucket_length(n: int, min_bucket: int, limit: int | None) -> int:
+    """Padded prompt length for a prompt of ``n <= limit`` tokens: a power of two, capped
+    (``limit=None``: not capped)."""
+    length = max(min_bucket, _next_pow2(n))
+    return length if limit is None else min(length, limit)
 
 
-def prompt_limit(cfg: Config, max_new_tokens: int) -> int:
-    """Longest admissible prompt: ``cfg.model.max_len - max_new_tokens``, at least 1.
+def prompt_limit(cfg: Config, max_new_tokens: int) -> int | None:
+    """Longest admissible prompt: ``cfg.model.max_len - max_new_tokens``, at least 1; None when
+    the family's model has no ``max_len`` (its positions are not bounded).
 
     Raises ``ValueError`` naming both when the budget leaves no room for a prompt.
     """
-    limit = cfg.model.max_len - max_new_tokens
+    max_len = getattr(cfg.model, "max_len", None)
+    if max_len is None:
+        return None
+    limit = max_len - max_new_tokens
     if limit < 1:
         raise ValueError(f"model.max_len={cfg.model.max_len} leaves no room for a prompt next to "
                          f"max_new_tokens={max_new_tokens}")
@@ -87,7 +110,22 @@ def task_rng(seed: int, task_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(task_id.encode())])
 
 
-def _build_jobs(tasks: Sequence[Task], num_views: int, seed: int, limit: int):
+def make_generator(params: Any, cfg: Config, extras: Any = None) -> Generator:
+    """The greedy generator of ``cfg.family``: DynTRM's KV-cache ``generate`` (per-row adaptive
+    depth, ``Generation.steps``; with an expert pool in ``extras`` its live masks), every other
+    family ``generate_by_recompute`` on ``family.logits`` with its ``extras`` (e.g. DynONN's
+    live-expert pool).
+    """
+    if cfg.family == "dyntrm":
+        live = None if extras is None else extras.live
+        return lambda tokens, lengths, n: generate(params, tokens, lengths, cfg.model,
+                                                   max_new_tokens=n, live=live)
+    logits_fn = FamilyLogits(get_family(cfg), cfg)
+    return lambda tokens, lengths, n: generate_by_recompute(
+        logits_fn, (params, extras), tokens, lengths, max_new_tokens=n)
+
+
+def _build_jobs(tasks: Sequence[Task], num_views: int, seed: int, limit: int | None):
     """Views and prompts of every scorable test pair. Returns (pairs, jobs, skipped, unscored)."""
     pairs: list[tuple[Task, int]] = []
     jobs: list[_Job] = []
@@ -105,7 +143,7 @@ def _build_jobs(tasks: Sequence[Task], num_views: int, seed: int, limit: int):
             skipped.append(0)
             for vi, (view, vtask) in enumerate(zip(views, applied, strict=True)):
                 prompt = tokenizer.serialize_prompt(vtask, ti)
-                if len(prompt) > limit:
+                if limit is not None and len(prompt) > limit:
                     skipped[-1] += 1
                 else:
                     jobs.append(_Job(len(pairs) - 1, vi, view, prompt))
@@ -133,12 +171,14 @@ def evaluate_tasks(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     min_bucket: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    extras: Any = None,
 ) -> tuple[list[EvalTestReport], EvalAggregate]:
     """Evaluate ``tasks`` with augmentation voting and pass@2.
 
     Args:
-      params: model parameters (``modules.init_params`` layout).
-      cfg: the experiment config; ``cfg.model`` defines the model and ``max_len``.
+      params: model parameters of ``cfg.family`` (its ``init_params`` layout).
+      cfg: the experiment config; ``cfg.family`` and ``cfg.model`` define the model (and
+        ``max_len`` where it has one).
       tasks: tasks whose test outputs are known (pairs without an answer are counted, not run).
       num_views: views per test pair, the identity view included (>= 1).
       seed: seed of the view sampling (per task, independent of the task list).
@@ -146,6 +186,7 @@ def evaluate_tasks(
       max_new_tokens: generation budget, a constant (never the answer's size).
       min_bucket: smallest prompt bucket length.
       progress: called as ``progress(done, total)`` after every generation batch.
+      extras: the family's extra train state its logits read (DynONN's expert pool), or None.
 
     Returns:
       One ``EvalTestReport`` per scorable test pair (task order, then test index) and the
@@ -158,6 +199,8 @@ def evaluate_tasks(
     limit = prompt_limit(cfg, max_new_tokens)
     pairs, jobs, skipped, unscored = _build_jobs(tasks, num_views, seed, limit)
     preds: list[dict[int, scoring.Prediction]] = [{} for _ in pairs]
+    steps_used: list[int] = []  # refinement steps of every generated view (adaptive depth)
+    gen = make_generator(params, cfg, extras)
 
     buckets: dict[int, list[_Job]] = {}
     for job in jobs:
@@ -171,12 +214,13 @@ def evaluate_tasks(
             # Filler rows repeat the first prompt; their outputs are dropped.
             prompts = [j.prompt for j in chunk] + [chunk[0].prompt] * (rows - len(chunk))
             tokens, lengths = left_pad(prompts, length)
-            out = generate(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg.model,
-                           max_new_tokens=max_new_tokens)
-            toks, ns, lps = (np.asarray(a) for a in out)
+            out = gen(tokens, lengths, max_new_tokens)
+            toks, ns, lps = (np.asarray(a) for a in out[:3])
             for r, job in enumerate(chunk):
                 preds[job.pair][job.view_index] = _prediction(toks[r], int(ns[r]),
                                                               float(lps[r]), job.view)
+            if out.steps is not None:  # filler rows excluded
+                steps_used.extend(np.asarray(out.steps)[:len(chunk)].tolist())
             done += len(chunk)
             if progress is not None:
                 progress(done, len(jobs))
@@ -189,5 +233,7 @@ def evaluate_tasks(
     agg = scoring.aggregate(reports)
     summary = EvalAggregate(**dataclasses.asdict(agg), n_views_skipped=sum(skipped),
                             n_pairs_unscored=unscored, max_new_tokens=max_new_tokens,
-                            prompt_limit=limit)
+                            prompt_limit=limit,
+                            mean_refinement_steps=float(np.mean(steps_used)) if steps_used
+                            else None)
     return reports, summary

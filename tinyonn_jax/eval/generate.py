@@ -12,9 +12,17 @@ updates the whole batch. A row with ``pad = Tp - length`` padding slots gets RoP
 ``>= pad``. In the prefill, padding slots form their own segment (id 0) so they never leak into a
 real token; their keys stay in the cache but are masked for every later query.
 
-Generation runs every refinement step for every token, exactly like ``transformer.forward`` (no
-ACT early exit: a row-level halting decision pooled over the whole sequence does not decompose
-per token). It stops per row at ``<im_end>`` or ``<eos>`` and for the batch when every row has
+Adaptive depth: a row-level halting decision pooled over the whole sequence does not decompose
+per token, so each row's depth d_b is decided once, from its prompt, in the prefill: after every
+refinement step the rule of ``model.halting`` (``families/dyntrm/halting.py``) reads the prompt
+tokens' readout, and a row that has stopped keeps its hidden state frozen for the later steps.
+Every decoded token of that row then uses the same depth (its x is frozen after step d_b). The
+later steps' keys and values are still computed, from the frozen state, so the cache stays
+complete, and the result equals a full-sequence ``transformer.forward_adaptive`` with
+``depth=d``; with ``model.halting="none"`` (or a head that never halts) it is exactly
+``transformer.forward``.
+
+Decoding stops per row at ``<im_end>`` or ``<eos>`` and for the batch when every row has
 stopped or after ``max_new_tokens``, a budget that is a constant and never depends on the answer
 (the original sized it from the true answer and so leaked it, reference.md section 7).
 """
@@ -31,7 +39,7 @@ import numpy as np
 
 from tinyonn_jax import validate
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
-from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha, modules
+from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha, halting, latent_heads, modules
 from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.nn import attention
@@ -44,7 +52,8 @@ STOP_TOKENS = (IM_END, EOS)
 
 
 class KVCache(NamedTuple):
-    """Keys (after RoPE) and values of every refinement step. Each (S, B, H, T_max, Dh)."""
+    """Keys (after RoPE) and values of every refinement step. Each (S, B, H, T_max, Dh); with
+    ``attn_layout="latent_heads"`` one per latent head, (S, B, P, T_max, Dh)."""
 
     k: jax.Array
     v: jax.Array
@@ -56,11 +65,14 @@ class Generation(NamedTuple):
     ``tokens`` (B, N) int32: generated tokens, the stop token included, PAD after it.
     ``num_generated`` (B,) int32: tokens generated per row, the stop token included.
     ``mean_logprob`` (B,) float32: mean log-probability of those tokens under the model.
+    ``steps`` (B,) int32: refinement steps each row used (its depth, decided from the prompt);
+    None for a model without adaptive depth (``eval.recompute``).
     """
 
     tokens: jax.Array
     num_generated: jax.Array
     mean_logprob: jax.Array
+    steps: jax.Array | None = None
 
 
 def left_pad(prompts: Sequence[np.ndarray], length: int | None = None) -> tuple[np.ndarray,
@@ -85,21 +97,28 @@ def left_pad(prompts: Sequence[np.ndarray], length: int | None = None) -> tuple[
 
 
 def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callable,
-                cfg: ModelConfig) -> tuple[jax.Array, object]:
+                cfg: ModelConfig, live: dict | None = None) -> tuple[jax.Array, object]:
     """One refinement step of the shared block for the tokens in x (B, Tq, D), any
     ``attn_kind`` / ``ffn_kind``.
 
     Same computation as ``recursion.block_step`` without probes or residuals, except that the
     keys/values attended to come from ``attend(k, v) -> (k_all, v_all, mask, extra)``: the
-    prompt's own keys in the prefill, the cache in the decode. Returns (x, extra).
+    prompt's own keys in the prefill, the cache in the decode. ``live`` {pool: (P,) bool} (an
+    expert pool's live masks, ``lifecycle``) leaves dead experts out of routing. Returns
+    (x, extra).
     """
     dt = x.dtype
+    live = live or {}
     xn = layer_norm(block["ln1"], x, cfg.ln_eps)
+    z_heads = None  # routing weights (B,Tq,P) of the latent heads; their keys need no routing
     if cfg.attn_kind == "mha":
         q, k, v = dense.mha_qkv(block["attn"], xn, cfg)
+    elif cfg.latent_heads:  # P latent heads take the place of the H physical heads
+        z_heads = latent_heads.route_heads(block["attn"], xn, cfg, live.get("attn")).z
+        q, k, v = latent_heads.head_qkv(block["attn"], xn)
     else:
         u = attention.split_heads(xn, cfg.num_heads)
-        routes = dynsiha.route_attention(block["attn"], u, cfg)
+        routes = dynsiha.route_attention(block["attn"], u, cfg, live.get("attn"))
         qkv = dynsiha.compose_qkv(block["attn"], u, {c: r.z for c, r in routes.items()}, None,
                                     cfg.attn_dispatch, cfg.attn_capacity)
         q, k, v = qkv["q"], qkv["k"], qkv["v"]
@@ -108,24 +127,30 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
         k = attention.rope(k, positions, cfg.rope_base)
     k_all, v_all, mask, extra = attend(k, v)
     o = attention.dot_product_attention(q, k_all, v_all, mask)
-    x = x + (o.reshape(*o.shape[:2], -1) @ block["attn"]["o_proj"].astype(o.dtype)).astype(dt)
+    if z_heads is not None:
+        x = x + latent_heads.combine_heads(block["attn"], z_heads, o).astype(dt)
+    else:
+        x = x + (o.reshape(*o.shape[:2], -1) @ block["attn"]["o_proj"].astype(o.dtype)).astype(dt)
     if cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
         if cfg.ffn_kind == "swiglu":
             x = x + dense.swiglu(block["ffn"], uf).astype(dt)
         else:
-            rf = dynmoe.route_ffn(block["ffn"], uf, cfg)
+            rf = dynmoe.route_ffn(block["ffn"], uf, cfg, live.get("ffn"))
             x = x + dynmoe.ffn_core(block["ffn"], uf, rf.z, None, cfg.ffn_dispatch,
                                     cfg.capacity_frac).astype(dt)
     return x, extra
 
 
 def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig,
-            cache_len: int) -> tuple[jax.Array, KVCache]:
-    """Run left-padded prompts (B, Tp) through all refinement steps in one call.
+            cache_len: int, live: dict | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
+    """Run left-padded prompts (B, Tp) through the refinement steps in one call.
 
-    Returns the logits of each row's last prompt token (B, V) float32 and a KV cache with
-    ``cache_len >= Tp`` slots whose first Tp slots hold the prompt.
+    After every step the halting rule of ``cfg.halting`` reads the readout of each row's prompt
+    tokens; a row that has stopped keeps its hidden state for the later steps (whose keys and
+    values are computed from that frozen state). Returns the logits of each row's last prompt
+    token (B, V) float32, a KV cache with ``cache_len >= Tp`` slots whose first Tp slots hold
+    the prompt, and each row's depth (B,) int32 in [1, max_refinement_steps].
     """
     b, tp = tokens.shape
     pad = tp - lengths  # (B,)
@@ -137,25 +162,36 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfi
     def attend_self(k, v):
         return k, v, mask, (k, v)
 
-    def body(x, _):
-        x, (k, v) = _block_step(params["block"], x, positions, attend_self, cfg)
-        return x, (k, v)
+    readout = tr.make_readout(cfg)
+    prompt = segment.astype(jnp.float32)  # the tokens the halting rule reads
 
-    x, (ks, vs) = jax.lax.scan(body, tr.embed(params, tokens, cfg), None,
-                               length=cfg.max_refinement_steps)
-    _, logits = tr.make_readout(cfg)(params, x[:, -1:])
+    def body(carry, _):
+        x, halted, depth = carry
+        x_new, (k, v) = _block_step(params["block"], x, positions, attend_self, cfg, live)
+        h, step_logits = readout(params, x_new)
+        stop = halting.should_stop(params, h, step_logits, prompt, cfg)
+        x = jnp.where(halted[:, None, None], x, x_new)
+        depth = depth + (~halted).astype(jnp.int32)
+        return (x, halted | stop, depth), (k, v)
+
+    init = (tr.embed(params, tokens, cfg), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    (x, _, depth), (ks, vs) = jax.lax.scan(body, init, None, length=cfg.max_refinement_steps)
+    _, logits = readout(params, x[:, -1:])
     room = ((0, 0), (0, 0), (0, 0), (0, cache_len - tp), (0, 0))
     # (S, B, Tp, H, Dh) -> (S, B, H, T_max, Dh): head-major so each head reads contiguous keys.
     cache = KVCache(*(jnp.pad(jnp.swapaxes(a, 2, 3), room) for a in (ks, vs)))
-    return logits[:, 0], cache
+    return logits[:, 0], cache, depth
 
 
 def decode_step(params: dict, token: jax.Array, slot: jax.Array, pad: jax.Array,
-                cache: KVCache, cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+                cache: KVCache, cfg: ModelConfig, depth: jax.Array | None = None,
+                live: dict | None = None) -> tuple[jax.Array, KVCache]:
     """Feed one token per row (B,) at cache slot ``slot`` (scalar); returns logits (B, V), cache.
 
     ``pad`` (B,) is each row's number of left-padding slots: keys in ``[pad, slot]`` are visible.
-    The cache is updated in place at ``[s, :, :, slot]`` for every refinement step s.
+    The cache is updated in place at ``[s, :, :, slot]`` for every refinement step s. With
+    ``depth`` (B,) (from ``prefill``) a row's hidden state is frozen after ``depth[b]`` steps;
+    the later steps still write keys and values, computed from the frozen state.
     """
     b = token.shape[0]
     t_max = cache.k.shape[3]
@@ -175,8 +211,10 @@ def decode_step(params: dict, token: jax.Array, slot: jax.Array, pad: jax.Array,
             v_s = jnp.swapaxes(jax.lax.dynamic_index_in_dim(vc2, s, 0, keepdims=False), 1, 2)
             return k_s, v_s, mask, (kc2, vc2)
 
-        x, (kc, vc) = _block_step(params["block"], x, positions, attend_cache, cfg)
-        return (x, kc, vc), None
+        x_new, (kc, vc) = _block_step(params["block"], x, positions, attend_cache, cfg, live)
+        if depth is not None:
+            x_new = jnp.where((s < depth)[:, None, None], x_new, x)
+        return (x_new, kc, vc), None
 
     x0 = tr.embed(params, token.reshape(b, 1), cfg)
     steps = jnp.arange(cfg.max_refinement_steps)
@@ -196,9 +234,47 @@ def _is_stop(tok: jax.Array) -> jax.Array:
     return functools.reduce(jnp.logical_or, [tok == s for s in STOP_TOKENS])
 
 
+def greedy_loop(logits: jax.Array, state, step: Callable,
+                max_new_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Greedy decoding with a ``lax.while_loop``, shared by every generator.
+
+    ``logits`` (B, V) predict the first new token; ``step(state, prev, i) -> (logits, state)``
+    feeds ``prev`` (B,), the token generated at index ``i - 1``, and predicts token ``i``. A row
+    stops at a stop token (emitting PAD after it), the batch when every row has stopped or after
+    ``max_new_tokens``. Returns tokens (B, max_new_tokens) int32, the number generated (B,),
+    the stop token included, and their mean log-probability (B,).
+    """
+    b = logits.shape[0]
+    tok, logp = _pick(logits)
+    out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(tok)
+    init = (jnp.int32(1), out, jnp.ones((b,), jnp.int32), logp, _is_stop(tok), state)
+
+    def cond(c):
+        i, *_, done, _ = c
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(c):
+        i, out, n, logp_sum, done, state = c
+        prev = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1, keepdims=False)
+        logits, state = step(state, prev, i)
+        tok, logp = _pick(logits)
+        tok = jnp.where(done, PAD, tok)  # finished rows keep computing (static shapes), emit PAD
+        out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
+        n = n + (~done).astype(jnp.int32)
+        logp_sum = logp_sum + jnp.where(done, 0.0, logp)
+        return i + 1, out, n, logp_sum, done | _is_stop(tok), state
+
+    _, out, n, logp_sum, _, _ = jax.lax.while_loop(cond, body, init)
+    return out, n, logp_sum / n
+
+
 def generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig, *,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Generation:
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             live: dict | None = None) -> Generation:
     """Greedy decoding of left-padded prompts tokens (B, Tp) with true lengths (B,).
+
+    ``live`` {pool: (P,) bool}: the live masks of a model with an expert pool (the
+    ``TrainState.extras.live`` of a DynTRM run with a lifecycle); None: every expert is live.
 
     Compiles once per (B, Tp, cfg, max_new_tokens); see ``left_pad`` and the module docstring
     for the layout. Returns a ``Generation`` with tokens (B, max_new_tokens).
@@ -211,36 +287,22 @@ def generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConf
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     validate.check_generate_inputs(params, tokens, lengths, cfg, modules.param_layout(cfg))
-    return _generate(params, tokens, lengths, cfg, max_new_tokens=max_new_tokens)
+    return _generate(params, tokens, lengths, cfg, live, max_new_tokens=max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def _generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig, *,
-              max_new_tokens: int) -> Generation:
+def _generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig,
+              live: dict | None, *, max_new_tokens: int) -> Generation:
     """The jitted body of ``generate`` (arguments already checked)."""
-    b, tp = tokens.shape
+    tp = tokens.shape[1]
     lengths = lengths.astype(jnp.int32)
     pad = tp - lengths
     # The last generated token is never fed back, hence - 1.
-    logits, cache = prefill(params, tokens, lengths, cfg, tp + max_new_tokens - 1)
-    tok, logp = _pick(logits)
-    out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(tok)
-    init = (jnp.int32(1), out, jnp.ones((b,), jnp.int32), logp, _is_stop(tok), cache)
+    logits, cache, depth = prefill(params, tokens, lengths, cfg, tp + max_new_tokens - 1,
+                                   live)
 
-    def cond(c):
-        i, *_, done, _ = c
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def step(cache, prev, i):
+        return decode_step(params, prev, tp + i - 1, pad, cache, cfg, depth, live)
 
-    def body(c):
-        i, out, n, logp_sum, done, cache = c
-        prev = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1, keepdims=False)
-        logits, cache = decode_step(params, prev, tp + i - 1, pad, cache, cfg)
-        tok, logp = _pick(logits)
-        tok = jnp.where(done, PAD, tok)  # finished rows keep computing (static shapes), emit PAD
-        out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
-        n = n + (~done).astype(jnp.int32)
-        logp_sum = logp_sum + jnp.where(done, 0.0, logp)
-        return i + 1, out, n, logp_sum, done | _is_stop(tok), cache
-
-    _, out, n, logp_sum, _, _ = jax.lax.while_loop(cond, body, init)
-    return Generation(tokens=out, num_generated=n, mean_logprob=logp_sum / n)
+    out, n, mean_logprob = greedy_loop(logits, cache, step, max_new_tokens)
+    return Generation(tokens=out, num_generated=n, mean_logprob=mean_logprob, steps=depth)

@@ -172,15 +172,17 @@ def reference_config(*, vocab_size: int, hidden: int, num_heads: int, num_expert
                      steps: int) -> Config:
     """A ``Config`` whose model computes exactly what the original DynTRM computes.
 
-    Model: no RoPE, no FFN, no final LayerNorm, LN eps 1e-5, CAPR routing with raw ReLU weights,
-    latent heads Dh -> Dh -> Dh, ``halt_threshold=1.0`` (never exit early). Training sections: the
-    original's optimisers (AdamW lr 1e-3, weight decay 0.01, element-wise clipping 1.0 of the
-    computation gradients) and ``w_act=0`` (it had no ACT loss); SARS keeps our defaults (exact
-    goodness, isolated groups). For the original's training signal, replace ``sars`` with
+    Model: the per-head q/k/v routers (``attn_layout="qkv_routers"``), no RoPE, no FFN, no final
+    LayerNorm, LN eps 1e-5, CAPR routing with raw ReLU weights, latent heads Dh -> Dh -> Dh,
+    ``halt_threshold=1.0`` (never exit early). Training sections: the original's optimisers
+    (AdamW lr 1e-3, weight decay 0.01, element-wise clipping 1.0 of the computation gradients)
+    and ``w_act=0`` (it had no ACT loss); SARS keeps our defaults (exact goodness, isolated
+    groups). For the original's training signal, replace ``sars`` with
     ``SarsConfig(isolate=False, meta_loss='dyntrm_original', importance='output_grad', w_act=0)``.
     """
     model = ModelConfig(vocab_size=vocab_size, hidden=hidden, num_heads=num_heads,
-                        num_attn_experts=num_experts, attn_expert_hidden=0, use_ffn=False,
+                        attn_layout="qkv_routers", num_attn_experts=num_experts,
+                        attn_expert_hidden=0, use_ffn=False,
                         max_refinement_steps=steps, attn_routing="capr", rope="none",
                         final_norm=False, ln_eps=REFERENCE_LN_EPS, halt_threshold=1.0,
                         compute_dtype="float32")
@@ -234,6 +236,10 @@ def _config_problems(m: ModelConfig) -> list[str]:
         # getattr: older configs predate the dense baselines and are DynSIHA+ by construction.
         (getattr(m, "attn_kind", "dynsiha") == "dynsiha",
          f"model.attn_kind={getattr(m, 'attn_kind', None)!r} (the original uses DynSIHA+)"),
+        # getattr: older configs predate the latent-head layout and are qkv routers.
+        (getattr(m, "attn_layout", "qkv_routers") == "qkv_routers",
+         f"model.attn_layout={getattr(m, 'attn_layout', None)!r} (the original routes q, k and v "
+         "per head: 'qkv_routers')"),
         (not m.use_ffn, "model.use_ffn=True (the original block has no FFN experts)"),
         (not m.final_norm, "model.final_norm=True (the original has no final LayerNorm)"),
         (m.rope == "none", f"model.rope={m.rope!r} (the original has no positional encoding)"),

@@ -1,11 +1,14 @@
 """Layers every family shares: expert banks and their evaluations, routing, the GAMoE gate,
-attention primitives, norms, the packed-batch layout and the parameter types.
+attention primitives, norms, the packed-batch layout, expert pools and the parameter types.
 
 Vocabulary, one meaning each across the package:
   expert      one member of a stacked bank (an ExpertMLP, a latent attention head, an SPL
               output neuron, a DynONN expert slot)
-  site        one place in the model where experts are routed and aggregated: q, k, v of the
-              DynSIHA+ library and the FFN in DynTRM; attn and ffn in DynONN; an SPL module kind
+  site        one place in the model where experts are routed and aggregated: attn (the latent
+              heads) or q, k, v (the qkv_routers library) and ffn in DynTRM; attn and ffn in
+              DynONN; an SPL module kind
+  pool        the fixed slots of an expert bank whose live mask a lifecycle changes (``lifecycle``):
+              attn (the latent heads, either layout) and ffn in DynTRM; one per gate in DynONN
   route       a site's routing decision: weights z >= 0 and bool mask (``routing.Route``)
   gate        the routing threshold parameter(s) of a site (``gate``, ``gates``,
               ``gate_param``); the GAMoE gate is the whole routing module of seed 002

@@ -13,6 +13,8 @@ class Context(NamedTuple):
 
     positions: jax.Array  # position inside the token's own packed sequence (RoPE)
     segment_ids: jax.Array  # 0 = padding, 1.. = packed sequence id (attention stays inside it)
+    # Expert pools with free slots (lifecycle): pool name -> (P,) bool live mask; None = all live.
+    live: dict | None = None
 
     @property
     def valid(self) -> jax.Array:
@@ -20,11 +22,11 @@ class Context(NamedTuple):
 
 
 def make_context(tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> Context:
-    """Default layout: one sequence per row, every slot valid."""
+                 segment_ids: jax.Array | None = None, live: dict | None = None) -> Context:
+    """Default layout: one sequence per row, every slot valid, every expert live."""
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
-    return Context(positions=positions, segment_ids=segment_ids)
+    return Context(positions=positions, segment_ids=segment_ids, live=live)

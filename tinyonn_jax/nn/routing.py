@@ -42,24 +42,34 @@ def prototype_scores(u: jax.Array, proto: jax.Array, gate: jax.Array) -> jax.Arr
     return s / jnp.sqrt(jnp.float32(d)) - gate.astype(jnp.float32)
 
 
-def decide(scores: jax.Array, mode: str, top_k: int) -> jax.Array:
-    """The hard routing decision (bool mask (..., P)); carries no gradient."""
+def decide(scores: jax.Array, mode: str, top_k: int,
+           live: jax.Array | None = None) -> jax.Array:
+    """The hard routing decision (bool mask (..., P)); carries no gradient.
+
+    ``live`` (P,) bool, optional: experts outside it (free slots of a pool) are never chosen;
+    top-k picks among the live ones only.
+    """
     scores = jax.lax.stop_gradient(scores)
+    if live is not None:
+        scores = jnp.where(live, scores, -jnp.inf)
     if mode == "capr":
-        return scores > 0
-    if mode == "topk":
+        mask = scores > 0
+    elif mode == "topk":
         _, idx = jax.lax.top_k(scores, top_k)
-        return jnp.sum(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.int32), axis=-2) > 0
-    if mode == "dense":
-        return jnp.ones(scores.shape, dtype=bool)
-    raise ValueError(f"unknown routing mode {mode!r}")
+        mask = jnp.sum(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.int32), axis=-2) > 0
+    elif mode == "dense":
+        mask = jnp.ones(scores.shape, dtype=bool)
+    else:
+        raise ValueError(f"unknown routing mode {mode!r}")
+    return mask if live is None else mask & live
 
 
 def weights(scores: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     """Routing weights for a given decision.
 
     capr: the raw ReLU weights ``relu(scores)`` (the original's aggregation, no renormalisation);
-    topk: softmax of the selected scores; dense: uniform ``1/P`` (routing switched off).
+    topk: softmax of the selected scores; dense: uniform over the chosen experts (``1/P``
+    with every expert live; routing switched off).
     """
     if mode == "capr":
         return jnp.where(mask, scores, 0.0)
@@ -68,18 +78,24 @@ def weights(scores: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
         e = jnp.where(mask, jnp.exp(scores - jax.lax.stop_gradient(m)), 0.0)
         return e / jnp.sum(e, axis=-1, keepdims=True)
     if mode == "dense":
-        return jnp.full(scores.shape, 1.0 / scores.shape[-1], dtype=scores.dtype)
+        m = mask.astype(scores.dtype)
+        return m / jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0)
     raise ValueError(f"unknown routing mode {mode!r}")
 
 
-def route(u: jax.Array, proto: jax.Array, gate: jax.Array, mode: str, top_k: int) -> Route:
-    """Route expert inputs u (..., d) over P experts -> Route with z, mask, k of shape (..., P)."""
+def route(u: jax.Array, proto: jax.Array, gate: jax.Array, mode: str, top_k: int, *,
+          live: jax.Array | None = None) -> Route:
+    """Route expert inputs u (..., d) over P experts -> Route with z, mask, k of shape (..., P).
+
+    ``live`` (P,) bool, optional: experts outside it are absent (mask False, z = 0, not counted
+    in k), so a pool of fixed size P can hold free slots (expert lifecycle).
+    """
     scores = prototype_scores(u, proto, gate)
     # Tagged so that a rematerialised step reuses the forward's decisions
     # (``families.dyntrm.recursion.remat_body``).
     # Only the bool mask is saved: the weights follow from it and the recomputed scores, so a
     # recomputation can change a weight by rounding but never which experts are active.
-    mask = checkpoint_name(decide(scores, mode, top_k), "routing")
+    mask = checkpoint_name(decide(scores, mode, top_k, live), "routing")
     z = weights(scores, mask, mode)
     return Route(scores=scores, mask=mask, z=z, k=jnp.sum(mask, axis=-1, dtype=jnp.int32))
 

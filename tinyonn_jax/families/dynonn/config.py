@@ -19,6 +19,8 @@ from tinyonn_jax.nn import gamoe
 
 STRUCTURES = ("stack", "recursion")
 SURPRISE_MODES = ("weight_grad", "output_grad")
+SMHA_MODES = ("head_outputs", "weight_mix")
+GATING_LOSSES = ("pi_adaptive", "surprise_min")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,7 +29,7 @@ class DynOnnConfig:
 
     vocab_size: int = 18
     hidden: int = 256
-    num_heads: int = 1
+    num_heads: int = 1  # heads of width head_dim per attention expert (Hw = num_heads * head_dim)
     head_dim: int = 32
     ffn_hidden: int = 32  # hidden width of one FFN expert
     num_layers: int = 3  # stacked layers, or passes of the one shared layer (recursion)
@@ -37,12 +39,20 @@ class DynOnnConfig:
     fallback: str = "always"  # K=0 tokens -> best expert: always | eval (upstream) | never
     weight_mode: str = "uniform"  # uniform (a/K, upstream) | normalized (relu scores / sum)
     gate_init_t: float = 0.1  # initial logit scale 1/t (upstream init_t)
+    # head_outputs: every attention expert is a real head whose outputs are aggregated by the
+    # routing weights (seed 002); weight_mix: Wq,k,v,o mixed per token, one attention (reference).
+    smha_mode: str = "head_outputs"
     rope: str = "rope1d"
     rope_base: float = 10000.0
     ln_eps: float = 1e-5
     init_std: float = 0.02  # embedding
-    surprise: str = "weight_grad"  # |dL/dw_te| | output_grad (reference: ||dL/dout_t|| w_te)
-    pi_alpha: float = 1.0  # PI = exp(-alpha ((1 - gamma) L / tau + gamma S))
+    surprise: str = "weight_grad"  # |dL/dw_te| | output_grad (||dL/d(expert output at t)||)
+    # pi_adaptive: lambda(PI) L_balance + (1 - lambda(PI)) L_smk (seed 003);
+    # surprise_min: w_ce CE(routing, argmin S) + w_kl KL(softmax(-S) || softmax(routing)) (002).
+    gating_loss: str = "pi_adaptive"
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    pi_alpha: float = 1.0  # PI = metrics.pi_score(L, tau, S; alpha, gamma)
     pi_gamma: float = 0.5
     pi_threshold: float = 0.75  # lambda(PI) = 1 - sigmoid(sensitivity (PI - threshold))
     pi_sensitivity: float = 10.0
@@ -76,8 +86,10 @@ class DynOnnConfig:
         check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
         check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
         choice(s, self, "surprise", SURPRISE_MODES)
-        non_negative(s, self, "pi_alpha", "pi_sensitivity", "w_sdl", "w_sparsity",
-                      "lifecycle_period", "fuse_sigma")
+        choice(s, self, "smha_mode", SMHA_MODES)
+        choice(s, self, "gating_loss", GATING_LOSSES)
+        non_negative(s, self, "pi_alpha", "pi_sensitivity", "w_sdl", "w_sparsity", "w_ce",
+                      "w_kl", "lifecycle_period", "fuse_sigma")
         check(0.0 <= self.pi_gamma <= 1.0, s, "pi_gamma", self.pi_gamma, "must be in [0, 1]")
         check(0.0 <= self.pi_threshold <= 1.0, s, "pi_threshold", self.pi_threshold,
                "must be in [0, 1]")

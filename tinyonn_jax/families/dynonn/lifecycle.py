@@ -15,6 +15,9 @@ Every ``lifecycle_period`` steps the host calls ``lifecycle_update``:
   * every changed expert gets its routing history cleared and its optimizer-state slices
     (e.g. Adam mu and nu) reset to zero, so stale moments neither move a removed expert nor
     kick a new one. Step counters shared by all parameters (Adam's bias correction) are kept.
+
+The family-independent parts (ring buffer, plan, expert slices, events) are
+``tinyonn_jax.nn.lifecycle``; this module lays them over the gates of every layer group.
 """
 
 from __future__ import annotations
@@ -24,15 +27,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.families.dynonn.model import SITES, init_live, per_group
 from tinyonn_jax.families.dynonn.modules import expert_axes, init_layers
 from tinyonn_jax.families.dynonn.residuals import Aux
 from tinyonn_jax.nn import gamoe
-
-EVENT_KINDS = ("remove", "add", "regenerate")
+from tinyonn_jax.nn import lifecycle as pools
+from tinyonn_jax.nn.lifecycle import EVENT_KINDS, Event
 
 
 class PoolState(NamedTuple):
@@ -44,15 +46,6 @@ class PoolState(NamedTuple):
     homeless_count: dict  # site -> (G,) number of homeless tokens since the last maintenance
     cursor: jax.Array  # int32: steps recorded so far (ring position = cursor % W)
     key: jax.Array  # PRNG key for re-initialisation
-
-
-class Event(NamedTuple):
-    """A lifecycle event, in the field order of ``observe.dashboards.LifecycleEvent``."""
-
-    step: int
-    kind: str  # remove | add | regenerate
-    expert_id: int
-    site: str  # "<attn|ffn>_<group>"
 
 
 def site_name(site: str, group: int) -> str:
@@ -90,10 +83,8 @@ def step_records(aux: Aux, valid: jax.Array, cfg: DynOnnConfig) -> dict:
 
 def record(pool: PoolState, recs: dict) -> PoolState:
     """Write one step's ``step_records`` into the window and the homeless accumulators."""
-    w = next(iter(pool.history.values())).shape[0]
-    slot = pool.cursor % w
     return pool._replace(
-        history={s: pool.history[s].at[slot].set(recs[s][0]) for s in SITES},
+        history={s: pools.push(pool.history[s], pool.cursor, recs[s][0]) for s in SITES},
         homeless_sum={s: pool.homeless_sum[s] + recs[s][1] for s in SITES},
         homeless_count={s: pool.homeless_count[s] + recs[s][2] for s in SITES},
         cursor=pool.cursor + 1)
@@ -101,7 +92,7 @@ def record(pool: PoolState, recs: dict) -> PoolState:
 
 def records(pool: PoolState) -> dict:
     """Routed-token counts over the window: {site: (G, E)}."""
-    return {s: jnp.sum(h, axis=0) for s, h in pool.history.items()}
+    return {s: pools.window_counts(h) for s, h in pool.history.items()}
 
 
 def num_live(pool: PoolState) -> jax.Array:
@@ -114,25 +105,10 @@ def plan(pool: PoolState, cfg: DynOnnConfig) -> dict:
     out = {k: {} for k in EVENT_KINDS}
     rec = records(pool)
     for s in SITES:
-        live = pool.live[s]
-        seen = jnp.any(live & (rec[s] > 0), axis=-1, keepdims=True)  # no traffic: no verdict
-        dead = live & (rec[s] <= 0) & seen
-        none = jnp.zeros_like(dead)
-        out["regenerate"][s] = dead if cfg.regenerate else none
-        out["remove"][s] = none if cfg.regenerate else dead
-        free = ~live | out["remove"][s]
-        # Prefer a slot that was already free, so a removal and an addition stay two experts.
-        rank = free.astype(jnp.int32) + (~live).astype(jnp.int32)
-        first = jax.nn.one_hot(jnp.argmax(rank, axis=-1), free.shape[-1], dtype=jnp.bool_)
-        out["add"][s] = first & free & (pool.homeless_count[s] > 0)[:, None]
+        site_plan = pools.plan(pool.live[s], rec[s], pool.homeless_count[s], cfg.regenerate)
+        for kind in EVENT_KINDS:
+            out[kind][s] = site_plan[kind]
     return out
-
-
-def _expert_mask(m: jax.Array, axis: int, ndim: int) -> jax.Array:
-    """(G, E) -> broadcastable against a leaf whose expert axis is ``axis``."""
-    shape = [1] * ndim
-    shape[0], shape[axis] = m.shape
-    return m.reshape(shape)
 
 
 def map_expert_slices(tree, masks: dict, fn: Callable, cfg: DynOnnConfig, *,
@@ -145,22 +121,14 @@ def map_expert_slices(tree, masks: dict, fn: Callable, cfg: DynOnnConfig, *,
     ``name`` is in ``names`` (default: every such parameter) and its shape matches the layout;
     ``fn(site, name, leaf)`` gives the new values.
     """
-    layer_axes = expert_axes(cfg)["layers"]
+    def pool_of(keys: tuple[str, ...]) -> str | None:
+        if len(keys) == 3 and keys[0] == "layers" and (names is None or keys[2] in names):
+            return keys[1]
+        return None
 
-    def f(path, leaf):
-        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        if len(keys) < 3 or keys[-3] != "layers" or keys[-2] not in masks:
-            return leaf
-        site, name = keys[-2], keys[-1]
-        ax = layer_axes.get(site, {}).get(name, -1)
-        if ax < 0 or (names is not None and name not in names):
-            return leaf
-        m = masks[site]
-        if leaf.ndim <= ax or leaf.shape[0] != m.shape[0] or leaf.shape[ax] != m.shape[1]:
-            return leaf  # e.g. a factored optimizer statistic: not a per-expert slice
-        return jnp.where(_expert_mask(m, ax, leaf.ndim), fn(site, name, leaf), leaf)
-
-    return jax.tree_util.tree_map_with_path(f, tree)
+    table = pools.slice_table(expert_axes(cfg), pool_of)
+    return pools.map_expert_slices(tree, masks, lambda s, path, leaf: fn(s, path[-1], leaf),
+                                   table)
 
 
 def lifecycle_update(params: dict, opt_state, pool: PoolState, cfg: DynOnnConfig):
@@ -190,9 +158,4 @@ def lifecycle_update(params: dict, opt_state, pool: PoolState, cfg: DynOnnConfig
 
 def events_from(p: dict, step: int) -> list[Event]:
     """Host side: the plan's masks as a list of events (remove before add before regenerate)."""
-    out = []
-    for kind in EVENT_KINDS:
-        for s in SITES:
-            for g, e in np.argwhere(np.asarray(p[kind][s])):
-                out.append(Event(int(step), kind, int(e), site_name(s, int(g))))
-    return out
+    return pools.events_from(p, step, lambda s, lead: site_name(s, lead[0]))

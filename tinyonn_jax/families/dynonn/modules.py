@@ -60,8 +60,9 @@ class GamoeGate(nnx.Module):
 
 class DynSmha(GamoeGate):
     """DynSMHA: the gate's leaves plus the attention experts ``wq``, ``wk``, ``wv`` (E, D, Hw)
-    and ``wo`` (E, Hw, D), all ``main`` with expert axis 0. A subclass, not a member, keeps the
-    gate's leaves next to the bank's (one flat dict per site)."""
+    and ``wo`` (E, Hw, D), all ``main`` with expert axis 0 (the same leaves serve both
+    ``smha_mode``s: one head expert's projections, or the banks mixed per token). A subclass,
+    not a member, keeps the gate's leaves next to the bank's (one flat dict per site)."""
 
     def __init__(self, proto_sim: jax.Array, init_t: float, *, wq: jax.Array, wk: jax.Array,
                  wv: jax.Array, wo: jax.Array):

@@ -12,7 +12,7 @@ subtree, so these tuples pass through ``lax.scan``, ``jax.checkpoint``, ``jax.vj
 ``jax.jit`` like the arrays they hold.
 
 Shape letters: P passes (``num_layers``), B batch, T tokens, D hidden width, E expert slots
-(``max_experts``).
+(``max_experts``), Hw the width of one attention expert (``num_heads * head_dim``).
 """
 
 from __future__ import annotations
@@ -60,12 +60,15 @@ class Aux(NamedTuple):
 
 class Probes(NamedTuple):
     """Zero probes of every site and pass; absent ones None. Their cotangents, in the same
-    structure, are dL/dw_te (``w_*``) and dL/d(sublayer output) (``out_*``)."""
+    structure, are dL/dw_te (``w_*``), dL/d(sublayer output) (``out_*``) and dL/do_te for the
+    attention output of every head expert (``head_attn``)."""
 
     w_attn: jax.Array | None = None  # (P,B,T,E) added to the attention routing weights
     out_attn: jax.Array | None = None  # (P,B,T,D) added to the attention sublayer output
     w_ffn: jax.Array | None = None  # (P,B,T,E) added to the FFN routing weights
     out_ffn: jax.Array | None = None  # (P,B,T,D) added to the FFN sublayer output
+    # (P,B,T,E,Hw) added to every head's attention output o_te (smha_mode="head_outputs")
+    head_attn: jax.Array | None = None
 
     def weight(self, name: str) -> jax.Array | None:
         """The routing-weight probe (or its cotangent) of site ``name``."""

@@ -1,16 +1,19 @@
 """The 1f2b1o step of the DynONN family (seed 003): one forward, two backward passes, one
 optimizer update (``train_state.apply_update``), plus periodic expert-pool maintenance.
 
-1. forward with zero probes on every gate's routing weights and sub-layer outputs;
+1. forward with zero probes on every gate's routing weights, sub-layer outputs and (DynSMHA
+   ``head_outputs`` with the output-grad surprise) head outputs;
 2. main backward (``jax.vjp``): the main CE gradient of the computation (``main``) parameters
    and the probe cotangents, from which the per-expert surprise S follows exactly. Gate
    parameters are held constant here, but the main loss still reaches earlier computation
    parameters through the routing weights' dependence on the gate inputs (as in the original,
    whose main backward ran through the whole graph);
-3. gate backward: ``lambda(PI) L_balance + (1 - lambda(PI)) L_smk (+ SDL)`` reaching only the
-   gate (``meta``) parameters, recomputed from the stored gate inputs;
-4. one partitioned optax update of the summed gradients (optionally with the main gradient of
-   "bad" experts fused to zero). A non-finite loss or gradient skips the update and is counted.
+3. gate backward: the gate loss of ``cfg.gating_loss`` (``lambda(PI) L_balance + (1 -
+   lambda(PI)) L_smk`` or the seed-002 ``w_ce CE + w_kl KL``, plus SDL and sparsity) reaching
+   only the gate (``meta``) parameters, recomputed from the stored gate inputs;
+4. one partitioned optax update of the summed gradients (with ``cfg.fuse``, the main gradient
+   of "bad" experts fused to zero: ``gating.fuse_mask``). A non-finite loss or gradient skips
+   the update and is counted.
 
 The family's extra train state is the expert pool (``lifecycle.PoolState``): this step's routing
 records enter it only when the update is applied. ``maintain`` applies
@@ -46,7 +49,8 @@ def compute_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnConfig)
     """Main and gate gradients (params-shaped) and everything the metrics need.
 
     Returns (g_main, g_gate, out) with out: loss, gating_loss, parts, logits, aux
-    (``residuals.Aux``), surprise {site: (P,B,T,E)}, pi, lam, tau, s_mean, fused.
+    (``residuals.Aux``), surprise {site: (P,B,T,E)}, pi, lam, tau, s_mean, fused (the number of
+    fused experts) and fused_mask {site: (G,E) bool} (all False unless ``cfg.fuse``).
     """
     b, t = batch["inputs"].shape
 
@@ -61,7 +65,8 @@ def compute_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnConfig)
     g_main, g_probes = vjp(jnp.ones_like(loss))
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
     n_tok = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-    surprise = {s: gating.token_surprise(g_probes, aux, s, cfg.surprise, n_tok) for s in SITES}
+    surprise = {s: gating.token_surprise(g_probes, aux, s, cfg.surprise, n_tok, cfg.smha_mode)
+                for s in SITES}
     s_mean = jnp.mean(jnp.stack([gating.routed_mean(surprise[s], aux.site(s).mask, valid[None])
                                  for s in SITES]))
     tau = metrics.output_entropy(logits, batch["weights"])
@@ -71,41 +76,61 @@ def compute_gradients(params: dict, live: dict, batch: Batch, cfg: DynOnnConfig)
         params, aux, surprise, valid, live, lam, cfg)
     labels = param_labels(cfg)
     g_gate = select(g_gate, labels, META)
-    fused = jnp.int32(0)
+    bad = {s: jnp.zeros((cfg.groups, cfg.max_experts), bool) for s in SITES}
     if cfg.fuse:
-        bad = {}
         for s in SITES:
             es, cnt = gating.expert_surprise(surprise[s], aux.site(s).mask, valid, cfg)
             bad[s] = gating.fuse_mask(es, cnt, cfg.fuse_sigma)
         g_main = lifecycle.map_expert_slices(g_main, bad, lambda s, n, x: jnp.zeros_like(x),
                                              cfg, names=EXPERT_WEIGHTS)
-        fused = sum(jnp.sum(m, dtype=jnp.int32) for m in bad.values())
+    fused = sum(jnp.sum(m, dtype=jnp.int32) for m in bad.values())
     out = dict(loss=loss, gating_loss=gl, parts=parts, logits=logits, aux=aux,
-               surprise=surprise, pi=pi, lam=lam, tau=tau, s_mean=s_mean, fused=fused)
+               surprise=surprise, pi=pi, lam=lam, tau=tau, s_mean=s_mean, fused=fused,
+               fused_mask=bad)
     return select(g_main, labels, MAIN), g_gate, out
 
 
 def step_metrics(cfg: DynOnnConfig, batch: Batch, out: dict, pool: lifecycle.PoolState) -> dict:
     """Flat metrics dict of scalars, plus for the expert dashboard ``experts/usage_<site>`` (E,)
-    (routed share of tokens, mean over layers), ``experts/usage_by_layer/<site>`` and
-    ``experts/live/<site>`` (G, E); ``expert_rows`` splits the latter per gate on the host."""
+    (routed share of tokens, mean over layers), ``experts/usage_by_layer/<site>``,
+    ``experts/live/<site>`` and ``experts/fused/<site>`` (G, E); ``expert_rows`` splits the
+    usage and live rows per gate on the host.
+
+    Seed 002's names (``metrics.SEED002_METRICS``): ``train/main_loss``, ``train/main_acc``
+    (token accuracy), ``train/gating_loss`` (the gate loss of ``cfg.gating_loss`` that was
+    differentiated, per site mean), ``train/sparsity_loss`` (the sparsity term, mean share of
+    live experts a token activates, before its weight ``w_sparsity``), ``train/avg_k`` (mean
+    routed experts per valid token, over both sites and all passes), ``train/gating_acc``,
+    ``train/surprise``, ``train/pi_score``, ``train/tau``, ``train/num_experts`` (live experts
+    over all gates) and ``train/lambda`` (lambda(PI); the mixing weight of ``pi_adaptive``,
+    reported under ``surprise_min`` too). The ``gate/*``, ``sars/*``, ``route/*`` and
+    ``experts/*`` names are kept beside them.
+    """
     valid = (batch["segment_ids"] > 0).astype(jnp.float32)
     parts, aux = out["parts"], out["aux"]
+    task = metrics.task_metrics(out["logits"], batch)
+    num_live = lifecycle.num_live(pool)
     m = {
-        **metrics.task_metrics(out["logits"], batch),
+        **task,
         "train/main_loss": out["loss"],
         "train/gating_loss": out["gating_loss"], "train/tau": out["tau"],
+        "train/sparsity_loss": parts["sparsity"], "train/gating_acc": parts["gating_acc"],
+        "train/surprise": out["s_mean"], "train/pi_score": out["pi"],
+        "train/num_experts": num_live, "train/lambda": out["lam"],
         "gate/loss_balance": parts["loss_balance"], "gate/loss_smk": parts["loss_smk"],
+        "gate/loss_ce": parts["loss_ce"], "gate/loss_kl": parts["loss_kl"],
         "gate/sdl": parts["sdl"], "gate/sparsity": parts["sparsity"],
         "gate/lambda": out["lam"], "gate/gating_acc": parts["gating_acc"],
         "sars/pi_score": out["pi"], "sars/surprise": out["s_mean"],
         "sars/fused_experts": out["fused"],
-        "experts/num_experts": lifecycle.num_live(pool),
+        "experts/num_experts": num_live,
     }
     passes_per_group = 1 if cfg.structure == "stack" else cfg.num_layers
+    k_sum = 0.0
     for s in SITES:
         r = aux.site(s)
         m[f"route/avg_k/{s}"] = metrics.masked_mean(r.k.astype(jnp.float32), valid[None])
+        k_sum = k_sum + m[f"route/avg_k/{s}"]
         m[f"route/homeless/{s}"] = metrics.masked_mean(r.homeless.astype(jnp.float32),
                                                        valid[None])
         m[f"experts/num_experts/{s}"] = jnp.sum(pool.live[s], dtype=jnp.int32)
@@ -114,6 +139,8 @@ def step_metrics(cfg: DynOnnConfig, batch: Batch, out: dict, pool: lifecycle.Poo
         m[f"experts/usage_{s}"] = jnp.mean(usage, axis=0)
         m[f"experts/usage_by_layer/{s}"] = usage
         m[f"experts/live/{s}"] = pool.live[s].astype(jnp.float32)
+        m[f"experts/fused/{s}"] = out["fused_mask"][s].astype(jnp.float32)
+    m["train/avg_k"] = k_sum / len(SITES)  # every site sees the same valid tokens and passes
     return m
 
 

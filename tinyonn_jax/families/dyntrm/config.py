@@ -21,6 +21,10 @@ META_LOSSES = ("entropy_plus", "entropy_minus", "entropy_plain", "dyntrm_origina
 DISPATCH_MODES = ("auto", "dense", "scan", "sparse")
 ATTN_KINDS = ("dynsiha", "mha")  # mha: the dense baseline of dense.py
 FFN_KINDS = ("dynmoe", "swiglu")  # swiglu: the dense baseline of dense.py
+# DynSIHA+ layouts: latent_heads = seed 000 section 2.1 (latent_heads.py), qkv_routers = the
+# original code's per-head q/k/v routers over a shared ExpertMLP library (dynsiha.py).
+ATTN_LAYOUTS = ("latent_heads", "qkv_routers")
+HALTING_RULES = ("learned", "uncertainty", "none")  # inference early exit (halting.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,8 +34,14 @@ class ModelConfig:
     vocab_size: int = 18
     hidden: int = 512
     num_heads: int = 8
-    num_attn_experts: int = 64  # latent attention heads in the shared library, width hidden/heads
-    attn_expert_hidden: int = 0  # hidden width of a latent head's MLP; 0 means hidden/heads
+    # DynSIHA+ layout. latent_heads (seed 000 section 2.1, the default): one router
+    # proto_attn (P, D), gate_attn (P,) picks latent attention heads per token, each a full
+    # attention head (Wq, Wk, Wv (D, Dh), Wo (Dh, D)); the output is sum_p z_p head_p(x).
+    # qkv_routers (the original code): every physical head's q, k, v composed by three routers
+    # (P, Dh) over a shared library of latent-head MLPs; the PyTorch interop uses it.
+    attn_layout: str = "latent_heads"
+    num_attn_experts: int = 64  # P latent attention heads (either layout), width hidden/heads
+    attn_expert_hidden: int = 0  # qkv_routers: hidden width of a latent head's MLP; 0 = Dh
     num_ffn_experts: int = 16
     ffn_mult: int = 4  # FFN expert: hidden -> ffn_mult*hidden -> hidden
     use_ffn: bool = True  # False reproduces the original attention-only block
@@ -49,6 +59,12 @@ class ModelConfig:
     # none | full (keep one step's activations; the full-size configs use it) | save_dots.
     remat: str = "none"
     halt_threshold: float = 0.5  # inference early exit when sigmoid(q_halt - q_continue) > this
+    # Inference halting rule (families/dyntrm/halting.py); training always runs every step.
+    # learned: the ACT head, halt_threshold; uncertainty: a row stops after the first step whose
+    # mean output entropy over its valid tokens is below halt_tau (seed 000 section 4);
+    # none: always max_refinement_steps.
+    halting: str = "learned"
+    halt_tau: float = 0.1  # entropy threshold of the uncertainty rule, nats (ln 18 = 2.89)
     # Expert evaluation. dense: every expert on every token, one batched einsum (accelerators);
     # scan: the same sums one expert at a time (CPU); sparse: only active (token, expert)
     # pairs, grouped by expert with a fixed capacity; auto: scan on CPU, dense elsewhere.
@@ -64,6 +80,17 @@ class ModelConfig:
     attn_kind: str = "dynsiha"  # dynsiha | mha (q, k, v, o projections (D, D))
     ffn_kind: str = "dynmoe"  # dynmoe | swiglu (one dense SwiGLU FFN)
     swiglu_hidden: int = 0  # SwiGLU width; 0 = 2/3 of ffn_hidden (one expert's parameters)
+    # Expert lifecycle (seeds 003, 004; lifecycle.py) of the pools "attn" (the latent-head
+    # library, num_attn_experts slots) and "ffn" (num_ffn_experts slots): every
+    # lifecycle_period steps (0 = never) a live expert routed no token in the last
+    # lifecycle_window steps is removed (seed 004) or, with regenerate, re-initialised in place
+    # (seed 003), and the first free slot becomes a new expert whose prototype is the mean
+    # direction of the tokens no expert took ("homeless") since the last maintenance.
+    lifecycle_period: int = 0
+    lifecycle_window: int = 100
+    regenerate: bool = False
+    init_attn_experts: int = 0  # live latent heads at the start (the first slots); 0 = all
+    init_ffn_experts: int = 0  # live FFN experts at the start (the first slots); 0 = all
 
     def __post_init__(self) -> None:
         s = "model"
@@ -93,6 +120,8 @@ class ModelConfig:
         choice(s, self, "remat", REMAT_POLICIES)
         check(0.0 <= self.halt_threshold, s, "halt_threshold", self.halt_threshold,
                "must be >= 0 (values > 1 disable early exit)")
+        choice(s, self, "halting", HALTING_RULES)
+        check(self.halt_tau > 0.0, s, "halt_tau", self.halt_tau, "must be > 0 (nats)")
         choice(s, self, "attn_dispatch", DISPATCH_MODES)
         choice(s, self, "ffn_dispatch", DISPATCH_MODES)
         check(0.0 < self.capacity_frac <= 1.0, s, "capacity_frac", self.capacity_frac,
@@ -102,23 +131,51 @@ class ModelConfig:
                self.attn_capacity_frac, "must be in [0, 1] (0 = capacity_frac)")
         choice(s, self, "compute_dtype", DTYPES)
         choice(s, self, "attn_kind", ATTN_KINDS)
+        choice(s, self, "attn_layout", ATTN_LAYOUTS)
+        if self.latent_heads:  # its heads are evaluated densely: nothing to dispatch sparsely
+            check(self.attn_dispatch != "sparse", s, "attn_dispatch", self.attn_dispatch,
+                   "sparse dispatch needs attn_layout='qkv_routers' (latent heads are dense)")
         choice(s, self, "ffn_kind", FFN_KINDS)
         check(isinstance(self.swiglu_hidden, int) and not isinstance(self.swiglu_hidden, bool)
                and self.swiglu_hidden >= 0, s, "swiglu_hidden", self.swiglu_hidden,
                "must be an integer >= 0 (0 = auto)")
+        check(self.lifecycle_period >= 0, s, "lifecycle_period", self.lifecycle_period,
+               "must be an integer >= 0 (0 = no lifecycle)")
+        positive_int(s, self, "lifecycle_window")
+        for name, pool, routing, top_k in (
+                ("init_attn_experts", "num_attn_experts", self.attn_routing, "attn_top_k"),
+                ("init_ffn_experts", "num_ffn_experts", self.ffn_routing, "ffn_top_k")):
+            n, size = getattr(self, name), getattr(self, pool)
+            check(0 <= n <= size, s, name, n, f"must be in [0, {pool}={size}] (0 = all)")
+            if routing == "topk":  # top-k picks among live experts only
+                check((n or size) >= getattr(self, top_k), s, name, n,
+                       f"must be >= {top_k}={getattr(self, top_k)} with top-k routing")
 
     @property
     def routed_sites(self) -> tuple[str, ...]:
-        """Expert call sites that exist: q, k, v (DynSIHA+) and ffn (DynMoE)."""
-        sites = ("q", "k", "v") if self.attn_kind == "dynsiha" else ()
+        """Expert call sites that exist: attn (latent heads) or q, k, v (qkv_routers), and ffn
+        (DynMoE)."""
+        sites = () if self.attn_kind != "dynsiha" else (
+            ("attn",) if self.latent_heads else ("q", "k", "v"))
         if self.use_ffn and self.ffn_kind == "dynmoe":
             sites += ("ffn",)
         return sites
 
     @property
+    def latent_heads(self) -> bool:
+        """DynSIHA+ in the seed's latent-head layout (``attn_layout="latent_heads"``)."""
+        return self.attn_kind == "dynsiha" and self.attn_layout == "latent_heads"
+
+    @property
     def attn_capacity(self) -> float:
         """Sparse capacity share of the latent-head library (default: the FFN's)."""
         return self.attn_capacity_frac or self.capacity_frac
+
+    @property
+    def initial_live(self) -> dict[str, int]:
+        """Live experts per pool at the start (``init_*_experts``, 0 meaning the whole pool)."""
+        return {"attn": self.init_attn_experts or self.num_attn_experts,
+                "ffn": self.init_ffn_experts or self.num_ffn_experts}
 
     @property
     def head_dim(self) -> int:
@@ -150,7 +207,7 @@ class SarsConfig:
     w_meta: float = 1.0
     w_act: float = 0.01
     isolate: bool = True  # main loss -> main params only; meta loss -> meta params only
-    pi_alpha: float = 1.0  # PI = exp(-alpha * ((1 - gamma) * L / tau + gamma * S)), seed 003
+    pi_alpha: float = 1.0  # PI = metrics.pi_score(L, tau, S; alpha, gamma) (metrics.PI_FORMULA)
     pi_gamma: float = 0.5
 
     def __post_init__(self) -> None:

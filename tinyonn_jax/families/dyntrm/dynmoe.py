@@ -9,9 +9,13 @@ from tinyonn_jax.nn import experts
 from tinyonn_jax.nn.routing import Route, route
 
 
-def route_ffn(params: dict, u: jax.Array, cfg: ModelConfig) -> Route:
-    """Route u (B,T,D) over the FFN experts -> Route with z (B,T,E)."""
-    return route(u, params["proto"], params["gate"], cfg.ffn_routing, cfg.ffn_top_k)
+def route_ffn(params: dict, u: jax.Array, cfg: ModelConfig,
+              live: jax.Array | None = None) -> Route:
+    """Route u (B,T,D) over the FFN experts -> Route with z (B,T,E).
+
+    ``live`` (E,) bool, optional: experts outside it are absent (expert lifecycle).
+    """
+    return route(u, params["proto"], params["gate"], cfg.ffn_routing, cfg.ffn_top_k, live=live)
 
 
 def ffn_core(params: dict, u: jax.Array, z: jax.Array, probe: jax.Array | None,

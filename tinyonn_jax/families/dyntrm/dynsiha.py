@@ -1,4 +1,5 @@
-"""DynSIHA+: attention whose per-head q, k and v are composed from a shared latent-head library.
+"""DynSIHA+ as the original code built it (``attn_layout="qkv_routers"``): per-head q, k and v
+composed from a shared latent-head library. The seed's layout is ``latent_heads.py``.
 
 For each physical head h the normalised input slice u (B,T,H,Dh) is routed three times (own
 prototypes and gates for q, k and v) over the P latent heads of one shared ExpertMLP library, and
@@ -19,10 +20,15 @@ from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
 from tinyonn_jax.nn.routing import Route, route
 
 
-def route_attention(params: dict, u: jax.Array, cfg: ModelConfig) -> dict[str, Route]:
-    """Route u (B,T,H,Dh) for q, k and v -> {c: Route with z (B,T,H,P)}."""
+def route_attention(params: dict, u: jax.Array, cfg: ModelConfig,
+                    live: jax.Array | None = None) -> dict[str, Route]:
+    """Route u (B,T,H,Dh) for q, k and v -> {c: Route with z (B,T,H,P)}.
+
+    ``live`` (P,) bool, optional: library entries outside it are absent (expert lifecycle).
+    """
     return {
-        c: route(u, params[f"proto_{c}"], params[f"gate_{c}"], cfg.attn_routing, cfg.attn_top_k)
+        c: route(u, params[f"proto_{c}"], params[f"gate_{c}"], cfg.attn_routing, cfg.attn_top_k,
+                 live=live)
         for c in QKV
     }
 
@@ -38,7 +44,7 @@ def library_stats_in_backward(cfg: ModelConfig) -> bool:
     step keeps without remat, too much for ``remat`` (whose point is to keep little per step),
     which therefore keeps the cotangents and computes the statistics afterwards.
     """
-    return (cfg.attn_kind == "dynsiha" and cfg.remat == "none"
+    return (cfg.attn_kind == "dynsiha" and not cfg.latent_heads and cfg.remat == "none"
             and experts.resolve_dispatch(cfg.attn_dispatch) == "scan")
 
 

@@ -1,9 +1,10 @@
 """Flax NNX modules of the DynTRM family: they own the parameters and the model's structure.
 
-``DynTRM(cfg, key)`` holds the embedding, the one shared ``Block`` (DynSIHA+ or dense attention,
-DynMoE or SwiGLU feed-forward), the ACT ``Halting`` head, the optional final norm and the LM
-head. Routing parameters (prototypes, gates) are ``MetaParam``; everything else is
-``MainParam``; the expert banks and the per-expert routing tensors declare their expert axis.
+``DynTRM(cfg, key)`` holds the embedding, the one shared ``Block`` (DynSIHA+ as ``LatentHeads``
+or ``DynSiha`` by ``attn_layout``, or dense attention; DynMoE or SwiGLU feed-forward), the ACT
+``Halting`` head, the optional final norm and the LM head. Routing parameters (prototypes,
+gates) are ``MetaParam``; everything else is ``MainParam``; the expert banks, the latent heads
+and the per-expert routing tensors declare their expert axis.
 
 The numeric core is pure: ``variables.pure_params(model)`` (the pure-dict form of
 ``nnx.split(model)``'s parameter state) is what ``transformer.forward``, the train step and
@@ -27,6 +28,23 @@ from tinyonn_jax.families.dyntrm.dynsiha import QKV
 from tinyonn_jax.nn import variables
 from tinyonn_jax.nn.experts import ExpertBank
 from tinyonn_jax.nn.norm import LayerNorm
+
+
+class LatentHeads(nnx.Module):
+    """DynSIHA+ of seed 000 section 2.1 (``latent_heads.py``): router ``proto_attn`` (P, D),
+    ``gate_attn`` (P,); latent heads ``wq``, ``wk``, ``wv`` (P, D, Dh) and ``wo`` (P, Dh, D)."""
+
+    def __init__(self, cfg: ModelConfig, key: jax.Array):
+        kp, kq, kk, kv, ko = jax.random.split(key, 5)
+        p, dh, d = cfg.num_attn_experts, cfg.head_dim, cfg.hidden
+        self.proto_attn = variables.meta(cfg.init_std * jax.random.normal(kp, (p, d)),
+                                         expert_axis=0)
+        self.gate_attn = variables.meta(jnp.zeros((p,), jnp.float32), expert_axis=0)
+        # std 1/sqrt(fan_in), the scale of the expert banks and the dense projections
+        for name, k, shape in (("wq", kq, (p, d, dh)), ("wk", kk, (p, d, dh)),
+                               ("wv", kv, (p, d, dh)), ("wo", ko, (p, dh, d))):
+            setattr(self, name, variables.main(
+                jax.random.normal(k, shape) / jnp.sqrt(jnp.float32(shape[1])), expert_axis=0))
 
 
 class DynSiha(nnx.Module):
@@ -88,7 +106,9 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, key: jax.Array):
         k_attn, k_ffn = jax.random.split(key)
         self.ln1 = LayerNorm(cfg.hidden)
-        self.attn = (DenseAttention if cfg.attn_kind == "mha" else DynSiha)(cfg, k_attn)
+        attn = DenseAttention if cfg.attn_kind == "mha" else (
+            LatentHeads if cfg.latent_heads else DynSiha)
+        self.attn = attn(cfg, k_attn)
         if cfg.use_ffn:
             self.ln2 = LayerNorm(cfg.hidden)
             self.ffn = (SwiGlu if cfg.ffn_kind == "swiglu" else DynMoE)(cfg, k_ffn)

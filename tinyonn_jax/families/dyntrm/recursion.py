@@ -6,8 +6,9 @@ reuses the forward's decisions, so a recomputation can never flip one (seed 002)
 
 The ACT halting head reads the mean of the normalised hidden state over a row's valid tokens and
 emits (q_halt, q_continue) per refinement step. Training runs all steps; inference may stop each
-row early (``refine_adaptive``) with fixed shapes: finished rows are frozen with ``jnp.where`` and
-the ``while_loop`` ends when every row has halted.
+row early (``refine_adaptive``, by the rule of ``model.halting``, see ``halting.py``, or after a
+given per-row depth) with fixed shapes: finished rows are frozen with ``jnp.where`` and the
+``while_loop`` ends when every row has halted.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha
+from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha, halting, latent_heads
 from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.families.dyntrm.residuals import Probes, SiteResidual, StepResiduals
 from tinyonn_jax.nn import attention, experts
@@ -48,12 +49,6 @@ def remat_body(fn, policy: str):
     raise ValueError(f"unknown remat policy {policy!r}")
 
 
-def halting_logits(params: dict, h: jax.Array, valid: jax.Array) -> jax.Array:
-    """(q_halt, q_continue) per row from normalised hidden h (B,T,D), valid (B,T) -> (B, 2)."""
-    pooled = jnp.sum(h * valid[..., None], axis=1) / jnp.maximum(valid.sum(1, keepdims=True), 1.0)
-    return pooled.astype(jnp.float32) @ params["w"] + params["b"]
-
-
 def block_step(block: dict, x: jax.Array, probes: Probes | None, ctx: Context,
                cfg: ModelConfig) -> tuple[jax.Array, StepResiduals]:
     """One refinement step. x (B,T,D) -> (x, residuals of every expert call site).
@@ -66,9 +61,18 @@ def block_step(block: dict, x: jax.Array, probes: Probes | None, ctx: Context,
     res = StepResiduals()
     if cfg.attn_kind == "mha":
         x = dense.mha_sublayer(block, x, ctx.positions, ctx.segment_ids, cfg)
+    elif cfg.latent_heads:  # seed 000 section 2.1: one router picks latent heads per token
+        xn = layer_norm(block["ln1"], x, cfg.ln_eps)
+        ra = latent_heads.route_heads(block["attn"], xn, cfg,
+                                      live=None if ctx.live is None else ctx.live.get("attn"))
+        x = x + latent_heads.attention_core(block["attn"], xn, ra.z,
+                                            None if probes is None else probes.attn,
+                                            ctx.positions, ctx.segment_ids, cfg).astype(dt)
+        res = res._replace(u_latent=xn, attn=SiteResidual(ra.z, ra.mask, ra.k))
     else:
         u = attention.split_heads(layer_norm(block["ln1"], x, cfg.ln_eps), cfg.num_heads)
-        routes = dynsiha.route_attention(block["attn"], u, cfg)
+        routes = dynsiha.route_attention(block["attn"], u, cfg, live=None if ctx.live is None
+                                         else ctx.live.get("attn"))
         z = {c: r.z for c, r in routes.items()}
         x = x + dynsiha.attention_core(block["attn"], u, z, probes, ctx.positions,
                                          ctx.segment_ids, cfg,
@@ -85,7 +89,8 @@ def block_step(block: dict, x: jax.Array, probes: Probes | None, ctx: Context,
         x = dense.swiglu_sublayer(block, x, cfg)
     elif cfg.use_ffn:
         uf = layer_norm(block["ln2"], x, cfg.ln_eps)
-        rf = dynmoe.route_ffn(block["ffn"], uf, cfg)
+        rf = dynmoe.route_ffn(block["ffn"], uf, cfg,
+                              live=None if ctx.live is None else ctx.live.get("ffn"))
         x = x + dynmoe.ffn_core(block["ffn"], uf, rf.z, None if probes is None else probes.ffn,
                                 cfg.ffn_dispatch, cfg.capacity_frac,
                                 None if probes is None else probes.ffn_stats).astype(dt)
@@ -109,15 +114,22 @@ def refine(params: dict, x: jax.Array, ctx: Context, cfg: ModelConfig,
     def body(x, probes_s):
         x, res = block_step(params["block"], x, probes_s, ctx, cfg)
         h, logits = readout(params, x)
-        halt = halting_logits(params["halt"], h, ctx.valid)
+        halt = halting.halting_logits(params["halt"], h, ctx.valid)
         return x, res._replace(logits=logits, halt_logits=halt, hidden=x)
 
     return jax.lax.scan(remat_body(body, cfg.remat), x, probes, length=cfg.max_refinement_steps)
 
 
 def refine_adaptive(params: dict, x: jax.Array, ctx: Context, cfg: ModelConfig,
-                    readout, threshold: float) -> tuple[jax.Array, jax.Array]:
-    """Inference with per-row early exit. Returns final hidden (B,T,D) and steps taken (B,)."""
+                    readout, threshold: float | None = None,
+                    depth: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Inference with per-row early exit. Returns final hidden (B,T,D) and steps taken (B,).
+
+    A row stops after the first step where ``halting.should_stop`` (``model.halting``; the
+    learned rule with ``threshold`` if given) says so, or, with ``depth`` (B,) int, after
+    ``depth[b]`` steps (clipped to [1, max_refinement_steps]) whatever the rule says: the
+    same computation as a generation that decided its depths from the prompt.
+    """
     b = x.shape[0]
 
     def cond(carry):
@@ -127,9 +139,11 @@ def refine_adaptive(params: dict, x: jax.Array, ctx: Context, cfg: ModelConfig,
     def body(carry):
         s, x, halted, steps = carry
         x_new, _ = block_step(params["block"], x, None, ctx, cfg)
-        h, _ = readout(params, x_new)
-        q = halting_logits(params["halt"], h, ctx.valid)
-        stop = jax.nn.sigmoid(q[:, 0] - q[:, 1]) > threshold
+        if depth is None:
+            h, logits = readout(params, x_new)
+            stop = halting.should_stop(params, h, logits, ctx.valid, cfg, threshold)
+        else:
+            stop = s + 1 >= depth
         x = jnp.where(halted[:, None, None], x, x_new)
         steps = steps + (~halted).astype(jnp.int32)
         return s + 1, x, halted | stop, steps

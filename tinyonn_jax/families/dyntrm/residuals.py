@@ -14,8 +14,12 @@ subtree, so these tuples pass through ``lax.scan``, ``jax.checkpoint``, ``jax.vj
 ``jax.jit`` like the arrays they hold.
 
 Shape letters: S refinement steps, B batch, T tokens, H heads, Dh head width, D hidden width,
-V vocabulary, P experts of a site (the latent heads of the attention library for q, k, v; the FFN
-experts, E, for ffn).
+V vocabulary, P experts of a site (the latent heads of the attention library for q, k, v; the
+latent attention heads for attn; the FFN experts, E, for ffn).
+
+DynSIHA+ has one of two layouts (``ModelConfig.attn_layout``): ``latent_heads`` has the one call
+site ``attn`` (input ``u_latent`` = LN1 x (B,T,D), routing (B,T,P)); ``qkv_routers`` has q, k and
+v (shared input ``u_attn`` (B,T,H,Dh), routing (B,T,H,P)). The other layout's fields stay None.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import jax
 from tinyonn_jax.nn.context import Context
 
 QKV = ("q", "k", "v")  # the call sites of the latent-head library, one per attention input
-SITES = (*QKV, "ffn")  # every expert call site kind, in this order wherever they are listed
+ATTN = "attn"  # the call site of the latent attention heads (attn_layout="latent_heads")
+SITES = (*QKV, ATTN, "ffn")  # every expert call site kind, in this order wherever listed
 
 
 def _check_site(name: str) -> str:
@@ -55,10 +60,12 @@ class StepResiduals(NamedTuple):
     ``halt_logits`` come from the readout after the block (``recursion.refine``).
     """
 
-    u_attn: jax.Array | None = None  # (B,T,H,Dh) input of the latent-head library; None if mha
+    u_attn: jax.Array | None = None  # (B,T,H,Dh) input of the latent-head library (qkv_routers)
     q: SiteResidual | None = None  # (B,T,H,P) routing of the q composition
     k: SiteResidual | None = None  # ... of k
     v: SiteResidual | None = None  # ... of v
+    u_latent: jax.Array | None = None  # (B,T,D) LN1 x, input of the latent heads (latent_heads)
+    attn: SiteResidual | None = None  # (B,T,P) routing over the latent attention heads
     u_ffn: jax.Array | None = None  # (B,T,D) input of the FFN experts; None if dense or no FFN
     ffn: SiteResidual | None = None  # (B,T,E) routing of the FFN experts
     hidden: jax.Array | None = None  # (B,T,D) residual stream after the step (compute dtype)
@@ -70,9 +77,10 @@ class StepResiduals(NamedTuple):
         return getattr(self, _check_site(name))
 
     def expert_input(self, name: str) -> jax.Array | None:
-        """Expert input u of call site ``name``: ``u_ffn`` for ffn, the shared ``u_attn`` for
-        q, k and v."""
-        return self.u_ffn if _check_site(name) == "ffn" else self.u_attn
+        """Expert input u of call site ``name``: ``u_ffn`` for ffn, ``u_latent`` for attn, the
+        shared ``u_attn`` for q, k and v."""
+        name = _check_site(name)
+        return {"ffn": self.u_ffn, ATTN: self.u_latent}.get(name, self.u_attn)
 
     def routed(self) -> dict[str, SiteResidual]:
         """The routing residuals of the sites that exist, by name, in ``SITES`` order."""
@@ -98,6 +106,7 @@ class Probes(NamedTuple):
     q: jax.Array | None = None  # (S,B,T,H,Dh) added to the q composition
     k: jax.Array | None = None  # ... to k
     v: jax.Array | None = None  # ... to v
+    attn: jax.Array | None = None  # (S,B,T,D) added to sum_p z_p y_p of the latent heads
     ffn: jax.Array | None = None  # (S,B,T,D) added to the FFN experts' output
     ffn_stats: jax.Array | None = None  # (S,B,T,E,3) statistics sink of the FFN experts
     attn_stats: jax.Array | None = None  # (S,B,T,H,P,3,3) ... of the library: (P, site, channel)

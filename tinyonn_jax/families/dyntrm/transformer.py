@@ -42,7 +42,8 @@ def make_readout(cfg: ModelConfig):
 
 def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> Probes:
     """Shapes of the zero probes: ``Probes`` with shape tuples in place of arrays, None for the
-    probes that do not exist. One per routed call site, stacked over steps.
+    probes that do not exist. One per routed call site, stacked over steps: (S,B,T,D) for the
+    outputs of the latent heads (attn) and the FFN experts, (S,B,T,H,Dh) for q, k, v.
 
     When the FFN experts are evaluated one at a time (``scan``) or sparsely, a statistics sink
     ``ffn_stats`` (S,B,T,E,3) joins them: its cotangent is the FFN's SARS statistics, computed
@@ -51,8 +52,8 @@ def probe_shapes(cfg: ModelConfig, batch: int, length: int) -> Probes:
     ``dynsiha.library_stats_in_backward``.
     """
     s, h, dh = cfg.max_refinement_steps, cfg.num_heads, cfg.head_dim
-    shapes = {site: (s, batch, length, cfg.hidden) if site == "ffn" else (s, batch, length, h, dh)
-              for site in cfg.routed_sites}
+    shapes = {site: (s, batch, length, cfg.hidden) if site in ("attn", "ffn")
+              else (s, batch, length, h, dh) for site in cfg.routed_sites}
     if "ffn" in shapes and experts.stats_sink_dispatch(cfg.ffn_dispatch):
         shapes["ffn_stats"] = (s, batch, length, cfg.num_ffn_experts, experts.NUM_STAT_CHANNELS)
     if "q" in shapes and dynsiha.library_stats_in_backward(cfg):
@@ -73,11 +74,17 @@ def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-            probes: Probes | None = None) -> tuple[jax.Array, Aux]:
+            probes: Probes | None = None,
+            live: dict | None = None) -> tuple[jax.Array, Aux]:
     """tokens (B,T) int -> logits (B,T,V) float32 after all refinement steps, aux residuals.
 
-    ``aux.steps`` (``residuals.StepResiduals``, leading axis S = refinement steps): u_attn
-    (S,B,T,H,Dh); q, k, v with z and mask (S,B,T,H,P), k (S,B,T,H); u_ffn (S,B,T,D); ffn with
+    ``live`` {pool: (P,) bool} (``lifecycle.PoolState.live``; pools ``attn`` and ``ffn``)
+    leaves the dead experts out of routing; None: every expert is live.
+
+    ``aux.steps`` (``residuals.StepResiduals``, leading axis S = refinement steps): with
+    ``attn_layout="latent_heads"`` u_latent (S,B,T,D) and attn with z and mask (S,B,T,P), k
+    (S,B,T); with ``"qkv_routers"`` u_attn (S,B,T,H,Dh) and q, k, v with z and mask
+    (S,B,T,H,P), k (S,B,T,H); u_ffn (S,B,T,D); ffn with
     z and mask (S,B,T,E), k (S,B,T); overflow counts (S,) of sparse dispatch; hidden (S,B,T,D),
     logits (S,B,T,V), halt_logits (S,B,2). ``aux.context``: positions and segment ids.
 
@@ -87,7 +94,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     """
     validate.check_forward_inputs(params, tokens, cfg, modules.param_layout(cfg), positions,
                                   segment_ids)
-    ctx = context.make_context(tokens, positions, segment_ids)
+    ctx = context.make_context(tokens, positions, segment_ids, live)
     x = embed(params, tokens, cfg)
     _, steps = recursion.refine(params, x, ctx, cfg, probes, make_readout(cfg))
     return steps.logits[-1], Aux(steps=steps, context=ctx)
@@ -95,18 +102,21 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
 
 def forward_adaptive(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
                      threshold: float | None = None, positions: jax.Array | None = None,
-                     segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Inference with ACT early exit: logits (B,T,V) and refinement steps used per row (B,).
+                     segment_ids: jax.Array | None = None,
+                     depth: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Inference with early exit: logits (B,T,V) and refinement steps used per row (B,).
 
-    Inputs are checked as in ``forward``.
+    A row stops by the rule of ``cfg.halting`` (``halting.py``; ``threshold`` overrides
+    ``cfg.halt_threshold`` of the learned rule), or, with ``depth`` (B,) int, after exactly
+    ``depth[b]`` steps (clipped to [1, max_refinement_steps]). Inputs are checked as in
+    ``forward``.
     """
     validate.check_forward_inputs(params, tokens, cfg, modules.param_layout(cfg), positions,
                                   segment_ids)
     ctx = context.make_context(tokens, positions, segment_ids)
-    thr = cfg.halt_threshold if threshold is None else threshold
     readout = make_readout(cfg)
     x, steps = recursion.refine_adaptive(params, embed(params, tokens, cfg), ctx, cfg, readout,
-                                         thr)
+                                         threshold, depth)
     return readout(params, x)[1], steps
 
 

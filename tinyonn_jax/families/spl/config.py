@@ -11,6 +11,7 @@ MASK_MODES = ("hard", "ste")
 RECURSIONS = ("stacked", "dyntrm")
 ROUTING_FORMS = ("cos_minus_gate",)
 SPL_ROPE_MODES = ("none", "rope1d")
+PROTECTION_RULES = ("seed", "original", "none")
 ATTN_KINDS = ("q", "k", "v", "o")
 FFN_KINDS = ("ffn1", "ffn2")
 
@@ -40,8 +41,20 @@ class SplConfig:
     w_proto: float = 1.0
     w_gate: float = 1.0
     l2_coef: float = 1e-4  # lambda = l2_coef * mean Frobenius norm of the mu and proto matrices
-    ema_decay: float = 0.98  # EMA of token accuracy that sets the protection temperature
+    ema_decay: float = 0.98  # EMA of main_acc (token accuracy): sets the protection temperature
+    # Protection of the proto gradient, proto_weight.grad[j] *= 1 - p_j (msaps.protection):
+    #   "seed": p_j = exp(-r_j / T), r_j in [0, 1) the global mid-rank of -||g_j|| (0 = best),
+    #           T = min_temperature + (max_temperature - min_temperature) * EMA_acc: better
+    #           accuracy -> looser (about T ln 2 of the neurons above p = 1/2), worse -> only the
+    #           very best; the best neuron always has p = 1.
+    #   "original": p = softmax(-||g|| / max(1 - EMA_acc, min_temperature)) over all neurons
+    #           (the PyTorch code; p_j <= ~1/N, stricter as accuracy grows).
+    #   "none": p = 0.
+    protection: str = "seed"
     min_temperature: float = 0.01
+    max_temperature: float = 0.5
+    pi_alpha: float = 1.0  # metric only: train/pi_score = metrics.pi_score(L, tau, S, alpha, gamma)
+    pi_gamma: float = 0.5
 
     def __post_init__(self) -> None:
         s = "model"
@@ -60,8 +73,13 @@ class SplConfig:
         check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
         non_negative(s, self, "w_proto", "w_gate", "l2_coef")
         check(0.0 <= self.ema_decay < 1.0, s, "ema_decay", self.ema_decay, "must be in [0, 1)")
+        choice(s, self, "protection", PROTECTION_RULES)
         check(0.0 < self.min_temperature <= 1.0, s, "min_temperature", self.min_temperature,
                "must be in (0, 1]")
+        check(self.min_temperature <= self.max_temperature <= 10.0, s, "max_temperature",
+              self.max_temperature, f"must be in [min_temperature={self.min_temperature}, 10]")
+        non_negative(s, self, "pi_alpha")
+        check(0.0 <= self.pi_gamma <= 1.0, s, "pi_gamma", self.pi_gamma, "must be in [0, 1]")
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from tinyonn_jax.train_state import StepOutput
 
 
 class SplFamily(FamilyBase):
-    """Extras: the EMA of the training token accuracy (float32 scalar), which sets the
+    """Extras: the EMA of the training main_acc (token accuracy, float32 scalar), which sets the
     temperature of the proto-gradient protection."""
 
     name = "spl"
@@ -26,6 +26,11 @@ class SplFamily(FamilyBase):
 
     def expert_axes(self, cfg: Config) -> dict:
         return modules.expert_axes(cfg.model)
+
+    def num_experts(self, cfg: Config) -> int:
+        """SPL neurons of every module kind and parameter layer (a fixed pool: no lifecycle)."""
+        mc = cfg.model
+        return mc.num_param_layers * sum(mc.dims(k)[1] for k in mc.kinds)
 
     def gradients(self, params: dict, extras: jax.Array, batch: dict,
                   cfg: Config) -> StepOutput:

@@ -14,9 +14,10 @@ Prototype loss (seed signs applied to the similarity, which fixes the original's
 ``L_proto = mean_{good, bad} sign_j * mu_s_j * cos(P_eff_j, anchor_j)``, sign -1 (good: pulled
 toward the anchor) or +1 (bad: pushed away); mu_s and the anchors are constants.
 Gate loss: ``mean_j (mean_t x_t . g_j - stop_grad(mu_s_j + proto_s_j))^2``.
-Protection: ``softmax(-||g_j|| / T)`` over all neurons of the model,
-``T = max(1 - EMA_acc, T_min)``; the proto_weight gradient is multiplied by ``1 - protection``
-(as in the seed; the PRC transforms serve every neuron of a stream and stay unprotected).
+Protection (seed 001, "endogenous ranking"): the quality score ``-||g_j||`` of every neuron of the
+model is ranked globally and turned into a protection probability p_j by a temperature set by the
+EMA of main_acc; the proto_weight gradient row j is multiplied by ``1 - p_j`` (the PRC transforms
+serve every neuron of a stream and stay unprotected). ``protection`` documents the rules.
 Adaptive L2: ``lambda * sum ||W||^2`` over mu and proto matrices, with the detached
 ``lambda = l2_coef * stop_grad(mean ||W||_F)``.
 
@@ -59,6 +60,19 @@ def site_mu_grads(res: SplResidual, cotangent: jax.Array, activation: str) -> di
     dpre = act_vjp(cotangent * res.mask)[0]
     return {"mu_weight": jnp.einsum("lbtn,lbti->lni", dpre, res.x),
             "mu_bias": jnp.sum(dpre, axis=(1, 2))}
+
+
+def token_mu_surprise(res: SplResidual, cotangent: jax.Array, activation: str) -> jax.Array:
+    """Per-token mu surprise (L,B,T,N): the norm of token t's share of ``dL / dmu_weight[j, :]``.
+
+    That share is the rank-1 row ``dpre_tj x_t``, so its norm is ``|dpre_tj| ||x_t||`` with
+    dpre = dL/d(x mu^T + b) (0 where the neuron is masked off). Summing the rows (not the norms)
+    over tokens and sites gives ``mu_surprise``. res: x (L,B,T,I), pre/mask (L,B,T,N);
+    cotangent = dL/dM (L,B,T,N).
+    """
+    _, act_vjp = jax.vjp(lambda p: activate(p, activation), res.pre)
+    dpre = act_vjp(cotangent * res.mask)[0]
+    return jnp.abs(dpre) * jnp.sqrt(jnp.sum(jnp.square(res.x), axis=-1))[..., None]
 
 
 def to_param_layers(a: jax.Array, num_param_layers: int) -> jax.Array:
@@ -121,12 +135,52 @@ def gate_predictions(gates: jax.Array, x_mean: jax.Array) -> jax.Array:
     return jnp.einsum("li,lni->ln", x_mean, g)
 
 
+def mid_rank(v: jax.Array) -> jax.Array:
+    """Rank fraction r in [0, 1) of every entry of v (M,) in ascending order: 0 for the unique
+    smallest, i / M for the i-th of distinct values; tied entries share their mean rank."""
+    srt = jnp.sort(v)
+    below = jnp.searchsorted(srt, v, side="left")  # entries strictly smaller
+    upto = jnp.searchsorted(srt, v, side="right")  # entries smaller or equal
+    return (below + upto - 1).astype(jnp.float32) / (2.0 * v.shape[0])
+
+
+def protection_temperature(ema_acc: jax.Array, cfg: SplConfig) -> jax.Array:
+    """T of the protection rule: grows with accuracy for ``seed``, shrinks for ``original``."""
+    if cfg.protection == "original":
+        return jnp.maximum(1.0 - ema_acc, cfg.min_temperature)
+    acc = jnp.clip(ema_acc, 0.0, 1.0)
+    return cfg.min_temperature + (cfg.max_temperature - cfg.min_temperature) * acc
+
+
+def protection_probs(norms: jax.Array, temp: jax.Array, rule: str) -> jax.Array:
+    """p (M,) in [0, 1] from the gate norms (M,) of all neurons and the temperature T.
+
+    ``seed``: ``p_j = exp(-r_j / T)`` with r_j = ``mid_rank(||g_j||)`` (0 = best quality
+    ``-||g_j||``), i.e. the softmax of ``-r / T`` divided by its maximum: the best neuron gets 1,
+    about ``T ln 2`` of all neurons get more than 1/2, the mean is about ``T (1 - exp(-1/T))``,
+    whatever M. ``original``: ``softmax(-||g|| / T)`` (sums to 1, so p_j <= ~1/M unless one
+    neuron dominates). ``none``: 0.
+    """
+    if rule == "seed":
+        return jnp.exp(-mid_rank(norms) / temp)
+    if rule == "original":
+        return jax.nn.softmax(-norms / temp)
+    if rule == "none":
+        return jnp.zeros_like(norms)
+    raise ValueError(f"unknown protection rule {rule!r}")
+
+
 def protection(gates: dict[str, jax.Array], ema_acc: jax.Array,
-               min_temperature: float) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Protection probabilities (L_p, N) per kind: one softmax of -||g_j|| / T over all neurons."""
+               cfg: SplConfig) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(protection probabilities (L_p, N) per kind, temperature) from the gates (L_p, N, I).
+
+    One global ranking over the neurons of every kind and layer (``protection_probs`` with
+    ``cfg.protection``), temperature ``protection_temperature(ema_acc)``; no gradient.
+    """
     norms = {k: row_norms(jax.lax.stop_gradient(g)) for k, g in gates.items()}
-    temp = jnp.maximum(1.0 - ema_acc, min_temperature)
-    flat = jax.nn.softmax(-jnp.concatenate([n.ravel() for n in norms.values()]) / temp)
+    temp = protection_temperature(jax.lax.stop_gradient(ema_acc), cfg)
+    flat = protection_probs(jnp.concatenate([n.ravel() for n in norms.values()]), temp,
+                            cfg.protection)
     out, i = {}, 0
     for k, n in norms.items():  # unflatten per module kind
         out[k] = flat[i:i + n.size].reshape(n.shape)
@@ -149,6 +203,16 @@ def scale_proto_grads(grads: dict, prot: dict[str, jax.Array]) -> dict:
         layers[k] = dict(layers[k])
         layers[k]["proto_weight"] = layers[k]["proto_weight"] * (1.0 - p)[..., None]
     return {**grads, "layers": layers}
+
+
+def proto_grad_kept(grads: dict, prot: dict[str, jax.Array]) -> jax.Array:
+    """``||(1 - p) * g|| / ||g||`` over the proto_weight gradients of all kinds (1 if g = 0):
+    the share of the prototype update that protection lets through."""
+    g = [grads["layers"][k]["proto_weight"] for k in prot]
+    kept = [a * (1.0 - p)[..., None] for a, p in zip(g, prot.values(), strict=True)]
+    total = jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in g))
+    return jnp.where(total > 0, jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in kept))
+                     / jnp.maximum(total, 1e-30), 1.0)
 
 
 def msaps(params: dict, g_main: dict, aux: Aux, ema_acc: jax.Array,
@@ -194,8 +258,7 @@ def msaps(params: dict, g_main: dict, aux: Aux, ema_acc: jax.Array,
         lambda p: adaptive_l2(p["layers"], kinds, cfg.l2_coef), has_aux=True)(params)
     g_meta = jax.tree.map(lambda a, b, c: cfg.w_proto * a + cfg.w_gate * b + c,
                           g_proto, g_gate, select(g_l2, labels, META))
-    prot, temp = protection({k: params["layers"][k]["gate_param"] for k in kinds}, ema_acc,
-                            cfg.min_temperature)
+    prot, temp = protection({k: params["layers"][k]["gate_param"] for k in kinds}, ema_acc, cfg)
     info = {
         "proto_loss": l_proto, "gate_loss": l_gate, "l2_loss": l2, "l2_lambda": lam,
         "temperature": temp, "protection": prot, "mu_surprise": mu_s, "proto_surprise": proto_s,

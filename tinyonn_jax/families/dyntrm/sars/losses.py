@@ -31,13 +31,20 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.families.dyntrm.config import ModelConfig
-from tinyonn_jax.families.dyntrm.residuals import QKV
+from tinyonn_jax.families.dyntrm.residuals import ATTN, QKV
 from tinyonn_jax.families.dyntrm.sars.surprise import SiteStats, goodness
 from tinyonn_jax.nn import routing
 
+_ABSENT = -1e30  # the logit of an absent (dead) expert in ``entropy``
 
-def entropy(logits: jax.Array) -> jax.Array:
-    """Entropy (nats) of softmax over the last axis."""
+
+def entropy(logits: jax.Array, live: jax.Array | None = None) -> jax.Array:
+    """Entropy (nats) of softmax over the last axis; with ``live`` (P,) bool, of the softmax
+    over the live experts only (dead ones are absent: probability 0, no gradient)."""
+    if live is not None:
+        # A finite floor, not -inf: exp underflows to exactly 0 and 0 * logp stays 0 (and so
+        # does its gradient), where -inf would give 0 * inf = NaN.
+        logits = jnp.where(live, logits, _ABSENT)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
@@ -56,7 +63,7 @@ def site_routers(params: dict, cfg: ModelConfig) -> dict[str, SiteRouter]:
     sites = cfg.routed_sites
     attn = params["block"]["attn"]
     out = {c: SiteRouter(attn[f"proto_{c}"], attn[f"gate_{c}"], cfg.attn_routing, cfg.attn_top_k)
-           for c in QKV if c in sites}
+           for c in (*QKV, ATTN) if c in sites}  # attn: proto_attn, gate_attn of latent heads
     if "ffn" in sites:
         ffn = params["block"]["ffn"]
         out["ffn"] = SiteRouter(ffn["proto"], ffn["gate"], cfg.ffn_routing, cfg.ffn_top_k)
@@ -64,19 +71,20 @@ def site_routers(params: dict, cfg: ModelConfig) -> dict[str, SiteRouter]:
 
 
 def site_meta_loss(r: jax.Array, stats: SiteStats, mode: str, top_k: int,
-                    variant: str) -> jax.Array:
+                    variant: str, live: jax.Array | None = None) -> jax.Array:
     """The meta loss ``variant`` of one site per token: routing logits r (..., P) and the
-    site's statistics (..., P) -> (...). ``sars.engine`` averages it over valid tokens."""
+    site's statistics (..., P) -> (...). ``sars.engine`` averages it over valid tokens.
+    ``live`` (P,) bool, optional: dead experts are left out of every entropy."""
     g = jax.lax.stop_gradient(stats.goodness)
     if variant == "entropy_plus":
-        return entropy(r + g)
+        return entropy(r + g, live)
     if variant == "entropy_minus":
-        return entropy(r - g)
+        return entropy(r - g, live)
     if variant == "entropy_plain":
-        return entropy(r)
+        return entropy(r, live)
     if variant == "dyntrm_original":
-        z = routing.weights(r, routing.decide(r, mode, top_k), mode)
+        z = routing.weights(r, routing.decide(r, mode, top_k, live), mode)
         zs = jax.lax.stop_gradient(z)
         c_unit = jax.lax.stop_gradient(jnp.where(zs > 0, stats.c / jnp.where(zs > 0, zs, 1), 0))
-        return entropy(goodness(jax.lax.stop_gradient(stats.o), z, z * c_unit))
+        return entropy(goodness(jax.lax.stop_gradient(stats.o), z, z * c_unit), live)
     raise ValueError(f"unknown meta loss {variant!r}")

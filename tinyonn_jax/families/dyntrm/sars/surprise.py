@@ -12,6 +12,10 @@ Summing the outer products over tokens gives the exact per-site gradients (``sit
 Importance: the attribution ``O_p = |<g, z_p E_p(u)>|`` (first-order loss change if expert p were
 removed) or the original's ``max_d |g|`` (identical for every p: kept for comparison only).
 Goodness (seed 000): ``G = mas(O) * (mas(z) - mas(C))`` over the expert axis.
+
+The latent attention heads (site ``attn``, ``attn_layout="latent_heads"``) are full attention
+heads, not ExpertMLPs: their closed forms are in ``sars/heads.py`` and come here as ``HeadStats``
+with the same ``c``, ``o`` and ``goodness``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.families.dyntrm.config import ModelConfig
-from tinyonn_jax.families.dyntrm.residuals import QKV, Aux, Probes
+from tinyonn_jax.families.dyntrm.residuals import ATTN, QKV, Aux, Probes
+from tinyonn_jax.families.dyntrm.sars import heads
 from tinyonn_jax.nn import experts
 from tinyonn_jax.nn.expert_vjps import StatChannels, expert_pair_stats
 from tinyonn_jax.nn.routing import mas
@@ -36,6 +41,33 @@ class SiteStats(NamedTuple):
     c_w2: jax.Array
     o: jax.Array  # importance
     goodness: jax.Array
+
+
+class HeadStats(NamedTuple):
+    """Per (query token, latent head) quantities of the attn site. All (B,T,P) for one step,
+    (S,B,T,P) from ``all_site_stats``."""
+
+    c: jax.Array  # ||d f_tp / d(Wq_p, Wk_p, Wv_p, Wo_p)|| with f_tp = <g_t, z_tp y_tp>
+    c_q: jax.Array  # the parts: ||dWq_p||, ...
+    c_k: jax.Array
+    c_v: jax.Array
+    c_o: jax.Array
+    o: jax.Array  # importance
+    goodness: jax.Array
+
+
+def head_token_stats(attn: dict, u: jax.Array, z: jax.Array, g: jax.Array,
+                     positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig,
+                     importance: str) -> HeadStats:
+    """HeadStats of one step of the attn site: the latent heads' parameters ``attn``, their input
+    x_n (B,T,D), routing z (B,T,P), the probe's cotangent g (B,T,D), positions and segment ids
+    (B,T) of the batch."""
+    n = heads.token_grad_norms(attn, u, z, g, positions, segment_ids,
+                               cfg.rope_base if cfg.rope == "rope1d" else None)
+    st = site_stats(z, g, n.c_q, jnp.sqrt(n.c_k**2 + n.c_v**2 + n.c_o**2), n.attribution,
+                    importance)  # c = sqrt(c_q^2 + rest^2): the norm over all four matrices
+    return HeadStats(c=st.c, c_q=n.c_q, c_k=n.c_k, c_v=n.c_v, c_o=n.c_o, o=st.o,
+                     goodness=st.goodness)
 
 
 def silu_grad(h: jax.Array) -> jax.Array:
@@ -180,7 +212,8 @@ def goodness(o: jax.Array, z: jax.Array, c: jax.Array) -> jax.Array:
 
 def all_site_stats(params: dict, aux: Aux, g_probes: Probes, cfg: ModelConfig,
                    importance: str = "attribution") -> dict[str, SiteStats]:
-    """SiteStats for 'q', 'k', 'v' (S,B,T,H,P) and 'ffn' (S,B,T,E), mapped over steps.
+    """SiteStats for 'q', 'k', 'v' (S,B,T,H,P) and 'ffn' (S,B,T,E), HeadStats for 'attn'
+    (S,B,T,P), of the sites that exist, mapped over steps.
 
     ``g_probes``: the probes' cotangents. ``lax.map`` over refinement steps keeps peak memory at
     one step's pre-activations.
@@ -206,6 +239,15 @@ def all_site_stats(params: dict, aux: Aux, g_probes: Probes, cfg: ModelConfig,
         q, k, v = jax.lax.map(attn_step, (steps.u_attn, steps.q.z, steps.k.z, steps.v.z,
                                           g_probes.q, g_probes.k, g_probes.v))
         stats.update(q=q, k=k, v=v)
+    if ATTN in cfg.routed_sites:
+        ctx = aux.context
+
+        def heads_step(xs):
+            u, z, g = xs
+            return head_token_stats(block["attn"], u, z, g, ctx.positions, ctx.segment_ids, cfg,
+                                    importance)
+
+        stats[ATTN] = jax.lax.map(heads_step, (steps.u_latent, steps.attn.z, g_probes.attn))
     if g_probes.ffn_stats is not None:  # computed by the FFN experts' backward pass
         stats["ffn"] = stats_from_sink(steps.ffn.z, g_probes.ffn, g_probes.ffn_stats, importance)
     elif "ffn" in cfg.routed_sites:
