@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -73,3 +74,11 @@ def compiled_step(cfg, batch: dict, donate: bool = False):
     t = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     return fn, state, compiled, time.perf_counter() - t
+
+
+def with_layout(cfg, layout: str):
+    """``cfg`` with DynSIHA+ in ``layout``. The default-size lines pin ``qkv_routers``: with the
+    seed's latent heads the exact per-token SARS cost of the key projections under RoPE is
+    about hidden/2 times the attention's own work (``sars/heads.py``), out of reach on a CPU
+    at hidden 512; the tiny lines measure both layouts."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_layout=layout))

@@ -120,7 +120,8 @@ def main() -> None:
     if a.layer_only:
         return
     batch = random_batch(1, a.seq_len)
-    base = Config(model=ModelConfig(max_len=max(4096, a.seq_len)))
+    # The q, k, v library layout: the only one with a sparse attention dispatch to compare.
+    base = Config(model=ModelConfig(max_len=max(4096, a.seq_len), attn_layout="qkv_routers"))
     params0 = modules.init_params(jax.random.key(0), base.model)
     for rate in (1 / 2, 1 / 8, 1 / 32):
         for sites in (("ffn",), ("q", "k", "v", "ffn")):

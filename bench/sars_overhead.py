@@ -1,7 +1,8 @@
 """SARS overhead: full train step (probes, per-expert statistics, meta loss and update) vs the
 main-only train step (plain value_and_grad, SARS off), same batch, both jitted, compile excluded.
 
-Prints one JSON line per config, the tiny config first and the default config last:
+Prints one JSON line per config: configs/tiny.py (DynSIHA+ in the seed's latent-head layout),
+the same with the qkv_routers layout, the default size with qkv_routers (``common.with_layout``):
   {"config": ..., "full_step_s": ..., "main_only_step_s": ..., "ratio": full / main_only}
 Usage: python bench/sars_overhead.py [--seq-len 512] [--reps 3]
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import emit, time_fn
+from common import emit, time_fn, with_layout
 
 from tinyonn_jax.config import Config, DataConfig, SarsConfig
 from tinyonn_jax.families.dyntrm.family import DYNTRM
@@ -49,7 +50,8 @@ def main() -> None:
     a = p.parse_args()
     tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     default = Config(sars=SarsConfig(), data=DataConfig())
-    for name, cfg in (("tiny", tiny), ("default", default)):
+    for name, cfg in (("tiny", tiny), ("tiny_qkv_routers", with_layout(tiny, "qkv_routers")),
+                      ("default_qkv_routers", with_layout(default, "qkv_routers"))):
         emit(measure(name, cfg, a.seq_len, a.reps))
 
 

@@ -5,7 +5,7 @@ The peak is measured in the same run: the best of several large float32 matmuls 
 the batched dense expert evaluation (the analysis counts a loop body once, whatever its trip
 count), times the number of steps, times 3 for forward + backward. SARS statistics are not
 counted, so the fraction is conservative.
-One JSON line per config (tiny, then default):
+One JSON line per config (tiny; tiny and the default size with qkv_routers, ``common.with_layout``):
   {"config": ..., "tokens_per_s": ..., "model_gflops_per_s": ..., "peak_gflops_per_s": ...,
    "fraction_of_peak": ...}
 Usage: python bench/throughput.py [--seq-len 512] [--reps 3]
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import compiled_step, emit, random_batch, time_fn
+from common import compiled_step, emit, random_batch, time_fn, with_layout
 
 from tinyonn_jax.config import Config
 from tinyonn_jax.families.dyntrm import modules
@@ -55,7 +55,8 @@ def main() -> None:
     peak = matmul_peak()
     tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     batch = random_batch(1, a.seq_len)
-    for name, cfg in (("tiny", tiny), ("default", Config())):
+    for name, cfg in (("tiny", tiny), ("tiny_qkv_routers", with_layout(tiny, "qkv_routers")),
+                      ("default_qkv_routers", with_layout(Config(), "qkv_routers"))):
         fn, state, compiled, _ = compiled_step(cfg, batch)
         flops = 3 * cfg.model.max_refinement_steps * forward_flops_one_step(cfg, batch)
         step_s = time_fn(lambda s, f=compiled: f(s, batch)[1]["train/loss"], state, reps=a.reps)

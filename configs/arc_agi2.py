@@ -9,7 +9,10 @@ from tinyonn_jax.config import Config, DataConfig, ModelConfig, OptimizerConfig,
 
 def get_config() -> Config:
     return Config(
-        model=ModelConfig(max_len=4096, remat="full"),  # 8 steps x 4096 tokens: keep one step
+        # 8 steps x 4096 tokens: remat keeps one step. DynSIHA+ in the original qkv_routers
+        # layout: with the seed's latent heads, the exact per-token SARS cost of the key
+        # projections under RoPE is about hidden/2 times the attention's own work (sars/heads.py).
+        model=ModelConfig(max_len=4096, remat="full", attn_layout="qkv_routers"),
         optim=OptimizerConfig(name="adamw", learning_rate=1e-3, clip_value=1.0,
                               kwargs=(("weight_decay", 0.01),)),
         data=DataConfig(source="arc2", split="train", max_len=4096, batch_size=8,
