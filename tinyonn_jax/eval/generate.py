@@ -157,7 +157,7 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfi
     slots = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
     segment = (slots >= pad[:, None]).astype(jnp.int32)  # 0 = padding, 1 = prompt
     positions = jnp.maximum(slots - pad[:, None], 0)
-    mask = attention.attention_mask(slots, slots, segment, segment)
+    mask = attention.packed_mask(segment)
 
     def attend_self(k, v):
         return k, v, mask, (k, v)

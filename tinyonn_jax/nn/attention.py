@@ -29,6 +29,12 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
     return causal & (q_seg[:, :, None] == k_seg[:, None, :])
 
 
+def packed_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal, segment-local mask (B, T, T) of a packed batch whose slots are in order."""
+    slots = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    return attention_mask(slots, slots, segment_ids, segment_ids)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array) -> jax.Array:
     """Softmax attention in float32: q (B,Tq,H,Dh), k/v (B,Tk,H,Dh), mask (B,Tq,Tk) -> (B,Tq,H,Dh).

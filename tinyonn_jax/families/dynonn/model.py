@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.families.dynonn.residuals import SITES, Aux, Decisions, Probes, SiteAux
 from tinyonn_jax.nn import gamoe
-from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
+from tinyonn_jax.nn.attention import dot_product_attention, packed_mask, rope
 from tinyonn_jax.nn.norm import layer_norm
 
 EXPERT_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")  # trained by the main loss
@@ -174,8 +174,7 @@ def forward(params: dict, tokens: jax.Array, cfg: DynOnnConfig, *,
         segment_ids = jnp.ones((b, t), jnp.int32)
     live = init_live(cfg) if live is None else live
     fb = gamoe.fallback_on(cfg.fallback, training)
-    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    amask = attention_mask(slots, slots, segment_ids, segment_ids)
+    amask = packed_mask(segment_ids)
     attn = _maybe_remat(functools.partial(attn_core, positions=positions, amask=amask, cfg=cfg),
                         cfg.remat)
     ffn = _maybe_remat(ffn_core, cfg.remat)

@@ -20,7 +20,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 
 from tinyonn_jax.families.dyntrm import modules
 from tinyonn_jax.families.dyntrm.config import ModelConfig
@@ -41,9 +40,7 @@ def mha_core(params: dict, xn: jax.Array, positions: jax.Array, segment_ids: jax
     if cfg.rope == "rope1d":
         q, k = attention.rope(q, positions, cfg.rope_base), attention.rope(k, positions,
                                                                           cfg.rope_base)
-    slots = jnp.broadcast_to(jnp.arange(xn.shape[1]), xn.shape[:2])
-    mask = attention.attention_mask(slots, slots, segment_ids, segment_ids)
-    o = attention.dot_product_attention(q, k, v, mask)
+    o = attention.dot_product_attention(q, k, v, attention.packed_mask(segment_ids))
     return o.reshape(*o.shape[:2], -1) @ params["o_proj"].astype(o.dtype)
 
 

@@ -11,12 +11,11 @@ Then causal scaled dot-product attention (optionally with 1D RoPE) and an output
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.families.dyntrm.residuals import QKV, Probes
 from tinyonn_jax.nn import experts
-from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
+from tinyonn_jax.nn.attention import dot_product_attention, packed_mask, rope
 from tinyonn_jax.nn.routing import Route, route
 
 
@@ -89,8 +88,6 @@ def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
-    slots = jnp.broadcast_to(jnp.arange(u.shape[1]), u.shape[:2])
-    mask = attention_mask(slots, slots, segment_ids, segment_ids)
-    o = dot_product_attention(q, k, v, mask)
+    o = dot_product_attention(q, k, v, packed_mask(segment_ids))
     o = o.reshape(*o.shape[:2], -1)
     return o @ params["o_proj"].astype(o.dtype)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.families.dyntrm.config import ModelConfig
-from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
+from tinyonn_jax.nn.attention import dot_product_attention, packed_mask, rope
 from tinyonn_jax.nn.routing import Route, route
 
 HEAD_WEIGHTS = ("wq", "wk", "wv", "wo")  # the parameters of one latent head, stacked over P
@@ -55,19 +55,13 @@ def combine_heads(params: dict, z: jax.Array, o: jax.Array) -> jax.Array:
     return jnp.einsum("btpe,ped->btd", zo, params["wo"].astype(o.dtype))
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """Causal, segment-local mask (B,T,T) of a packed batch (slots in order)."""
-    slots = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-    return attention_mask(slots, slots, segment_ids, segment_ids)
-
-
 def head_contexts(params: dict, xn: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                   cfg: ModelConfig) -> jax.Array:
     """Every latent head's attention context at every query: x_n (B,T,D) -> o (B,T,P,Dh)."""
     q, k, v = head_qkv(params, xn)
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
-    return dot_product_attention(q, k, v, segment_mask(segment_ids))
+    return dot_product_attention(q, k, v, packed_mask(segment_ids))
 
 
 def attention_core(params: dict, xn: jax.Array, z: jax.Array, probe: jax.Array | None,

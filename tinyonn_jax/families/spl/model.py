@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from tinyonn_jax.families.spl.config import SplConfig
 from tinyonn_jax.families.spl.residuals import Aux, KindStats, SplResidual
-from tinyonn_jax.nn.attention import attention_mask, dot_product_attention, rope
+from tinyonn_jax.nn.attention import dot_product_attention, packed_mask, rope
 from tinyonn_jax.nn.context import Context, make_context
 from tinyonn_jax.nn.norm import layer_norm
 
@@ -178,9 +178,7 @@ def spl_block(lp: dict, x: jax.Array, protos: dict, probes: dict | None, ctx: Co
     q, k, v = (spl(c, h)[:, :, None] for c in ("q", "k", "v"))  # one head of width D
     if cfg.rope == "rope1d":
         q, k = rope(q, ctx.positions, cfg.rope_base), rope(k, ctx.positions, cfg.rope_base)
-    slots = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    mask = attention_mask(slots, slots, ctx.segment_ids, ctx.segment_ids)
-    x = x + spl("o", dot_product_attention(q, k, v, mask)[:, :, 0])
+    x = x + spl("o", dot_product_attention(q, k, v, packed_mask(ctx.segment_ids))[:, :, 0])
     if cfg.use_moie:
         f = spl("ffn1", layer_norm(lp["ln2"], x, cfg.ln_eps))
         if cfg.activation == "linear":  # seed-001 MoIE: sbl1 -> ReLU -> sbl2

@@ -40,8 +40,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tinyonn_jax.families.dyntrm.latent_heads import HEAD_WEIGHTS, head_qkv, segment_mask
-from tinyonn_jax.nn.attention import rope
+from tinyonn_jax.families.dyntrm.latent_heads import HEAD_WEIGHTS, head_qkv
+from tinyonn_jax.nn.attention import packed_mask, rope
 
 MAX_ELEMS = 1 << 27  # float32 elements of the largest intermediate per group of heads (512 MB)
 
@@ -81,7 +81,7 @@ def _forward_and_cotangents(heads: dict, xn: jax.Array, z: jax.Array, g: jax.Arr
         q, k = rope(q, positions, rope_base), rope(k, positions, rope_base)
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("btpe,bspe->bpts", q, k) * scale
-    logits = jnp.where(segment_mask(segment_ids)[:, None], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(packed_mask(segment_ids)[:, None], logits, jnp.finfo(jnp.float32).min)
     pi = jax.nn.softmax(logits, axis=-1)
     a = jnp.einsum("bpts,bspe->btpe", pi, v)
     delta = z.astype(jnp.float32)[..., None] * jnp.einsum(
