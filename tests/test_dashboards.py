@@ -13,14 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import TINY_FAMILY_CONFIGS, tiny_batch
 from matplotlib.collections import PathCollection, QuadMesh
 
 from tinyonn_jax import metrics
-from tinyonn_jax.config import Config
-from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.families.registry import get_family
-from tinyonn_jax.families.spl.config import SplConfig
 from tinyonn_jax.metrics import PI_FORMULA, SEED002_METRICS
 from tinyonn_jax.observe.core_dashboard import CORE_PANELS, core_metrics_figure
 from tinyonn_jax.observe.expert_dashboard import (
@@ -315,27 +312,11 @@ def test_expert_figure_without_records_says_so():
 
 # --- one real step of every family ------------------------------------------------------------
 
-FAMILY_CONFIGS = {
-    "dyntrm": Config(family="dyntrm", model=tiny_model_config()),
-    "spl": Config(family="spl", model=SplConfig(hidden=16, num_layers=2, moie_mult=2)),
-    "dynonn": Config(family="dynonn", model=DynOnnConfig(
-        hidden=16, num_heads=2, head_dim=4, ffn_hidden=8, num_layers=2, max_experts=4,
-        init_experts=3, lifecycle_window=4, lifecycle_period=3)),
-}
-
-
-def _batch(cfg: Config, b: int = 2, t: int = 8) -> dict:
-    toks = jax.random.randint(jax.random.key(1), (b, t + 1), 8, cfg.model.vocab_size)
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": jnp.ones((b, t)),
-            "segment_ids": jnp.ones((b, t), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
-
-
-@pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize("name", sorted(TINY_FAMILY_CONFIGS))
 def test_every_family_step_metrics_fill_both_dashboards(name):
     """Two real steps: every contract metric a family emits is drawn with its values, every
     one it lacks is named on its panel; its expert rows fill the expert dashboard."""
-    cfg = FAMILY_CONFIGS[name]
+    cfg = TINY_FAMILY_CONFIGS[name]
     family = get_family(cfg)
     opt = family.build_optimizer(cfg)
     state = family.init_state(cfg, opt, jax.random.key(0))
@@ -343,7 +324,7 @@ def test_every_family_step_metrics_fill_both_dashboards(name):
     history: dict[str, list[tuple[int, float]]] = {}
     log = ExpertLog()
     for i in (1, 2):
-        state, m = step(state, _batch(cfg))
+        state, m = step(state, tiny_batch(cfg))
         m = jax.device_get(m)
         for k, v in m.items():
             if np.ndim(v) == 0:

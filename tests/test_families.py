@@ -11,35 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import TINY_FAMILY_CONFIGS, tiny_batch, tiny_model_config
 
 from tinyonn_jax import train_state
 from tinyonn_jax.config import Config, OptimizerConfig
-from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.families.dyntrm import modules as dyntrm_modules
 from tinyonn_jax.families.registry import FAMILIES, get_family
-from tinyonn_jax.families.spl.config import SplConfig
 from tinyonn_jax.family import FamilyBase
 from tinyonn_jax.nn import variables
 from tinyonn_jax.nn.variables import MAIN, META
 
 ROOT = Path(__file__).resolve().parents[1]
-
-CONFIGS = {
-    "dyntrm": Config(family="dyntrm", model=tiny_model_config()),
-    "spl": Config(family="spl", model=SplConfig(hidden=16, num_layers=2, moie_mult=2)),
-    "dynonn": Config(family="dynonn", model=DynOnnConfig(
-        hidden=16, num_heads=2, head_dim=4, ffn_hidden=8, num_layers=2, max_experts=4,
-        init_experts=3, lifecycle_window=4, lifecycle_period=3)),
-}
-
-
-def _batch(cfg: Config, b: int = 2, t: int = 8) -> dict:
-    toks = jax.random.randint(jax.random.key(1), (b, t + 1), 8, cfg.model.vocab_size)
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": jnp.ones((b, t)),
-            "segment_ids": jnp.ones((b, t), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
-
 
 def _name_rule(path) -> str:
     """The groups the families had by leaf name: routing leaves are proto*/gate*, and SPL's
@@ -48,9 +30,9 @@ def _name_rule(path) -> str:
     return META if name.startswith(("proto", "gate", "prc")) else MAIN
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(TINY_FAMILY_CONFIGS))
 def test_every_family_is_registered_and_its_types_give_the_known_groups(name):
-    cfg = CONFIGS[name]
+    cfg = TINY_FAMILY_CONFIGS[name]
     family = get_family(cfg)
     assert family is FAMILIES[name] and family.name == name
     labels = family.param_labels(cfg)
@@ -92,9 +74,9 @@ def test_a_parameter_without_a_group_is_an_error():
         variables.labels(model)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(TINY_FAMILY_CONFIGS))
 def test_expert_axes_are_declared_on_expert_stacked_leaves(name):
-    cfg = CONFIGS[name]
+    cfg = TINY_FAMILY_CONFIGS[name]
     family = get_family(cfg)
     axes = family.expert_axes(cfg)
     params = jax.eval_shape(lambda k: family.init_params(k, cfg), jax.random.key(0))
@@ -122,16 +104,16 @@ def test_every_family_goes_through_the_same_update(monkeypatch):
         return real(state, out, optimizer, ema_decay)
 
     monkeypatch.setattr(train_state, "apply_update", spy)
-    for name, cfg in CONFIGS.items():
+    for name, cfg in TINY_FAMILY_CONFIGS.items():
         family = get_family(cfg)
         opt = family.build_optimizer(cfg)
         state = family.init_state(cfg, opt, jax.random.key(0))
-        new, metrics = family.train_step(state, _batch(cfg), cfg=cfg, optimizer=opt)
+        new, metrics = family.train_step(state, tiny_batch(cfg), cfg=cfg, optimizer=opt)
         assert isinstance(new, train_state.TrainState) and int(new.step) == 1, name
         for key in ("train/main_loss", "train/token_acc", "train/exact_acc", "train/tau",
                     "train/skipped", "train/update_ok", "optim/lr/main", "optim/lr/meta"):
             assert key in metrics and np.isfinite(float(metrics[key])), (name, key)
-    assert len(calls) == len(CONFIGS)
+    assert len(calls) == len(TINY_FAMILY_CONFIGS)
 
 
 def test_keep_if_keeps_typed_keys_and_arrays():
@@ -149,13 +131,13 @@ SHARDED = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    from test_families import CONFIGS
+    from conftest import TINY_FAMILY_CONFIGS
     from tinyonn_jax import parallel, trainer
     from tinyonn_jax.config import apply_overrides
     from tinyonn_jax.families.registry import get_family
     assert len(jax.devices()) == 8
     out = {{}}
-    for name, cfg in CONFIGS.items():
+    for name, cfg in TINY_FAMILY_CONFIGS.items():
         cfg = apply_overrides(cfg, ["train.mesh_expert=2"])
         family = get_family(cfg)
         mesh = parallel.make_mesh(cfg.train)
@@ -185,7 +167,7 @@ def test_every_familys_expert_leaves_are_split_on_the_expert_mesh_axis(tmp_path)
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert set(res) == set(CONFIGS)
+    assert set(res) == set(TINY_FAMILY_CONFIGS)
     for name, r in res.items():
         axes = dict(jax.tree.leaves(r["axes"], is_leaf=lambda x: isinstance(x, list)
                                     and len(x) == 2 and isinstance(x[0], str)))
@@ -211,7 +193,7 @@ def test_readme_library_snippet_runs():
     assert "cfg = Config()" in code
     code = code.replace("cfg = Config()", "cfg = Config(model=tiny_model_config())")
     cfg = Config(model=tiny_model_config())
-    batch = _batch(cfg)
+    batch = tiny_batch(cfg)
     scope = {"tokens": batch["inputs"], "batch": batch, "tiny_model_config": tiny_model_config}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 -- the README's own example
     assert scope["logits"].shape == (*batch["inputs"].shape, cfg.model.vocab_size)

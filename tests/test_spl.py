@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import packed_batch
 from flax import nnx
 
 from tinyonn_jax.config import Config, OptimizerConfig
@@ -32,16 +33,6 @@ def _cfg(**kw) -> spl.SplConfig:
 
 _DYN = _cfg(recursion="dyntrm", activation="silu", mask_mode="hard")
 _NO_PRC = _cfg(prc=False, mask_mode="hard")  # row-separable prototype loss per layer
-
-
-def _batch(seed: int = 0) -> dict:
-    """Row 0 packs two sequences (5 + 3 tokens); row 1 is one sequence with 2 padding slots."""
-    toks = jax.random.randint(jax.random.key(seed + 11), (B, T + 1), 0, 18)
-    seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]], jnp.int32)
-    pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]], jnp.int32)
-    w = (seg > 0).astype(jnp.float32).at[:, 0].set(0.0)
-    return dict(inputs=toks[:, :-1], targets=toks[:, 1:], weights=w, segment_ids=seg,
-                positions=pos)
 
 
 def _close(a, b, rtol=1e-5):
@@ -169,7 +160,7 @@ def test_module_params_equal_reference_init_and_groups_are_types(cfg):
 
 
 def test_module_call_equals_spl_forward():
-    cfg, batch = _DYN, _batch()
+    cfg, batch = _DYN, packed_batch()
     model = sm.SplModel(cfg, jax.random.key(5))
     kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
     logits = model(batch["inputs"], **kw)
@@ -256,7 +247,7 @@ def test_routing_gradients_hard_zero_ste_identity():
 
 
 def test_anchors_and_counts_equal_direct_masked_mean():
-    cfg, batch = _cfg(), _batch()
+    cfg, batch = _cfg(), packed_batch()
     params = sm.init_spl_params(jax.random.key(0), cfg)
     aux = _gradients(params, batch, cfg)[3]["aux"]
     assert isinstance(aux, spl.Aux) and set(aux.stats) == set(aux.residuals) == set(cfg.kinds)
@@ -284,7 +275,7 @@ def test_anchors_and_counts_equal_direct_masked_mean():
 
 @pytest.mark.parametrize("cfg", [_cfg(), _DYN], ids=["stacked", "dyntrm"])
 def test_mu_surprise_equals_jax_grad(cfg):
-    batch = _batch()
+    batch = packed_batch()
     params = sm.init_spl_params(jax.random.key(1), cfg)
     out = _gradients(params, batch, cfg)[3]
     aux, gp, gprobe = out["aux"], out["g_ce"], out["g_probes"]
@@ -318,7 +309,7 @@ def _brute_proto_loss(params, cfg, anchors, site_active, signs, weights):
 
 
 def test_classification_and_proto_surprise_equal_brute_force():
-    cfg, batch = _cfg(), _batch(seed=2)
+    cfg, batch = _cfg(), packed_batch(seed=2)
     params = sm.init_spl_params(jax.random.key(2), cfg)
     out = _gradients(params, batch, cfg)[3]
     aux, gp, info = out["aux"], out["g_ce"], out["info"]
@@ -359,7 +350,7 @@ def test_classification_and_proto_surprise_equal_brute_force():
 
 
 def test_meta_step_pulls_good_and_pushes_bad():
-    cfg, batch = _NO_PRC, _batch(seed=3)
+    cfg, batch = _NO_PRC, packed_batch(seed=3)
     opt, step = _sgd_step(cfg)
     state = SPL.init_state(_full(cfg), opt, jax.random.key(3))
     out = _gradients(state.params, batch, cfg)[3]
@@ -381,7 +372,7 @@ def test_meta_step_pulls_good_and_pushes_bad():
 
 @pytest.mark.parametrize("rule", ["seed", "original"])
 def test_protection_freezes_a_fully_protected_prototype(rule):
-    cfg, batch = dataclasses.replace(_NO_PRC, protection=rule), _batch(seed=4)
+    cfg, batch = dataclasses.replace(_NO_PRC, protection=rule), packed_batch(seed=4)
     opt, step = _sgd_step(cfg)
     state = SPL.init_state(_full(cfg), opt, jax.random.key(4))
     layers = dict(state.params["layers"])
@@ -402,7 +393,7 @@ def test_protection_freezes_a_fully_protected_prototype(rule):
 
 @pytest.mark.parametrize("cfg", [_cfg(), _DYN], ids=["stacked", "dyntrm"])
 def test_prc_is_meta_and_receives_gradient(cfg):
-    batch = _batch()
+    batch = packed_batch()
     params = sm.init_spl_params(jax.random.key(5), cfg)
     labels = sm.param_labels(cfg)
     assert set(jax.tree.leaves(labels["prc"])) == {META}
@@ -415,7 +406,7 @@ def test_prc_is_meta_and_receives_gradient(cfg):
 
 
 def test_packed_sequences_equal_separate_rows():
-    cfg, toks = _DYN, _batch()["inputs"][0]
+    cfg, toks = _DYN, packed_batch()["inputs"][0]
     params = sm.init_spl_params(jax.random.key(6), cfg)
     # Row 0 packs a 5- and a 3-token sequence; rows 1 and 2 hold each one alone, padded.
     inputs = jnp.stack([toks, jnp.pad(toks[:5], (0, 3)), jnp.pad(toks[5:], (0, 5))])
@@ -429,7 +420,7 @@ def test_packed_sequences_equal_separate_rows():
 
 
 def test_tiny_model_loss_falls_and_non_finite_is_skipped():
-    cfg, batch = _NO_PRC, _batch(seed=7)
+    cfg, batch = _NO_PRC, packed_batch(seed=7)
     opt, step = _sgd_step(cfg)
     state = SPL.init_state(_full(cfg), opt, jax.random.key(7))
     losses = []

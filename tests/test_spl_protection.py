@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import packed_batch
 
 from tinyonn_jax import metrics
 from tinyonn_jax.config import Config, OptimizerConfig
@@ -26,16 +27,6 @@ B, T = 2, 8
 CFG = SplConfig(hidden=16, num_layers=2, moie_mult=2, init_std=0.5, prc=False, mask_mode="hard")
 NONE = dataclasses.replace(CFG, protection="none")
 ORIGINAL = dataclasses.replace(CFG, protection="original")
-
-
-def _batch(seed: int = 0) -> dict:
-    """Row 0 packs two sequences (5 + 3 tokens); row 1 is one sequence with 2 padding slots."""
-    toks = jax.random.randint(jax.random.key(seed + 11), (B, T + 1), 0, 18)
-    seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]], jnp.int32)
-    pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]], jnp.int32)
-    w = (seg > 0).astype(jnp.float32).at[:, 0].set(0.0)
-    return dict(inputs=toks[:, :-1], targets=toks[:, 1:], weights=w, segment_ids=seg,
-                positions=pos)
 
 
 def _full(cfg: SplConfig) -> Config:
@@ -167,7 +158,7 @@ def _state_with_gates(cfg: SplConfig, seed: int) -> dict:
 
 
 def test_step_scales_each_proto_gradient_row_by_one_minus_p():
-    params, batch, acc = _state_with_gates(CFG, 3), _batch(seed=3), 0.6
+    params, batch, acc = _state_with_gates(CFG, 3), packed_batch(seed=3), 0.6
     seed_out = _gradients(params, jnp.float32(acc), batch, _full(CFG))
     none_out = _gradients(params, jnp.float32(acc), batch, _full(NONE))
     p = _np_seed_probs(_flat_norms({k: params["layers"][k]["gate_param"] for k in CFG.kinds}),
@@ -201,7 +192,7 @@ def test_step_scales_each_proto_gradient_row_by_one_minus_p():
 
 
 def test_sgd_step_applies_the_protected_proto_update():
-    params, batch, acc = _state_with_gates(CFG, 4), _batch(seed=4), 0.6
+    params, batch, acc = _state_with_gates(CFG, 4), packed_batch(seed=4), 0.6
     deltas = {}
     for name, cfg in (("seed", CFG), ("none", NONE)):
         opt = SPL.build_optimizer(_full(cfg))
@@ -251,7 +242,7 @@ def test_layer_token_surprise_equals_per_token_copies_of_mu():
 
 
 def test_step_emits_seed_002_metrics_equal_to_their_definitions():
-    cfg, batch, acc = CFG, _batch(seed=5), 0.3
+    cfg, batch, acc = CFG, packed_batch(seed=5), 0.3
     params = _state_with_gates(cfg, 5)
     m = _gradients(params, jnp.float32(acc), batch, _full(cfg)).metrics
     probes = spl.spl_zero_probes(cfg, B, T)
