@@ -20,9 +20,10 @@ from tinyonn_jax.config import Config, ModelConfig
 
 
 def base_config() -> Config:
+    """Hidden 128 in the qkv_routers layout (``common.with_layout`` says why)."""
     return Config(model=ModelConfig(hidden=128, num_heads=4, num_attn_experts=16,
                                     num_ffn_experts=8, ffn_mult=2, max_refinement_steps=4,
-                                    max_len=4096))
+                                    max_len=4096, attn_layout="qkv_routers"))
 
 
 def peak_bytes(compiled) -> int:

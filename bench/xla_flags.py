@@ -19,12 +19,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def child(name: str, seq_len: int, reps: int) -> None:
-    from common import compiled_step, random_batch, time_fn
+    from common import compiled_step, random_batch, time_fn, with_layout
 
     from tinyonn_jax.config import Config
     from tinyonn_jax.trainer import load_config
 
-    cfg = Config() if name == "default" else load_config(HERE.parent / "configs" / f"{name}.py")
+    # The default size in the qkv_routers layout (``common.with_layout`` says why).
+    cfg = (with_layout(Config(), "qkv_routers") if name == "default"
+           else load_config(HERE.parent / "configs" / f"{name}.py"))
     batch = random_batch(1, seq_len)
     _, state, compiled, _ = compiled_step(cfg, batch)
     step_s = time_fn(lambda s: compiled(s, batch)[1]["train/loss"], state, reps=reps)
