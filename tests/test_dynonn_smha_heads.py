@@ -13,7 +13,7 @@ from tinyonn_jax.errors import ConfigError
 from tinyonn_jax.families.dynonn import gating, modules
 from tinyonn_jax.families.dynonn import model as dynonn
 from tinyonn_jax.nn import gamoe
-from tinyonn_jax.nn.attention import attention_mask, rope
+from tinyonn_jax.nn.attention import rope
 from tinyonn_jax.nn.norm import layer_norm
 
 B, T = 1, 6
@@ -62,11 +62,11 @@ def test_heads_attend_separately_and_their_outputs_are_aggregated():
     w = w * (jax.random.uniform(jax.random.key(4), w.shape) < 0.5)  # unrouted pairs: w = 0
     w = w.at[:, :-1, 3].set(0.0)  # head 3 serves only the last token, reading every value
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    amask = attention_mask(pos, pos, jnp.ones((B, T), jnp.int32), jnp.ones((B, T), jnp.int32))
-    got = dynonn.attn_core(p, u, w, None, pos, amask, cfg)
+    seg = jnp.ones((B, T), jnp.int32)  # one causal segment per row
+    got = dynonn.attn_core(p, u, w, None, pos, seg, cfg)
     want = _heads_reference(p, u, w, jnp.zeros((B, T, cfg.max_experts, cfg.attn_width)), cfg)
     _close(got, want)
-    mixed = dynonn.attn_core(p, u, w, None, pos, amask,
+    mixed = dynonn.attn_core(p, u, w, None, pos, seg,
                              dataclasses.replace(cfg, smha_mode="weight_mix"))
     assert float(jnp.max(jnp.abs(mixed - want))) > 1e-2
 

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "tinyonn_jax"
 # Layers, lowest first: a module may import its own layer or lower ones only. Within a family
 # package the modules may import each other (their own layer); across families never.
 LAYERS = [
-    ("errors", "fields", "workdir", "interrupts", "runtime", "data"),
+    ("errors", "fields", "workdir", "interrupts", "runtime", "backend", "data"),
     ("nn", "families", "families.dyntrm.config", "families.spl.config", "families.dynonn.config"),
     ("config",),
     ("loss", "metrics", "optim", "train_state", "family", "parallel", "checkpoint", "observe",

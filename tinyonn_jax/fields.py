@@ -19,7 +19,9 @@ from typing import Any
 from tinyonn_jax.errors import ConfigError
 
 ROPE_MODES = ("none", "rope1d")
-DTYPES = ("float32", "bfloat16")
+# Model compute (activation) dtypes; "auto" = bfloat16 on gpu/tpu, float32 on cpu
+# (tinyonn_jax.backend.compute_dtype). Parameters and routing decisions stay float32.
+DTYPES = ("auto", "float32", "bfloat16")
 
 def check(cond: bool, section: str, name: str, value: Any, why: str) -> None:
     if not cond:

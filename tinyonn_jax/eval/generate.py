@@ -102,7 +102,8 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
     ``attn_kind`` / ``ffn_kind``.
 
     Same computation as ``recursion.block_step`` without probes or residuals, except that the
-    keys/values attended to come from ``attend(k, v) -> (k_all, v_all, mask, extra)``: the
+    keys/values attended to come from ``attend(k, v) -> (k_all, v_all, layout, extra)``
+    (``layout``: the mask arguments of ``attention.attend``): the
     prompt's own keys in the prefill, the cache in the decode. ``live`` {pool: (P,) bool} (an
     expert pool's live masks, ``lifecycle``) leaves dead experts out of routing. Returns
     (x, extra).
@@ -125,8 +126,8 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
     if cfg.rope == "rope1d":
         q = attention.rope(q, positions, cfg.rope_base)
         k = attention.rope(k, positions, cfg.rope_base)
-    k_all, v_all, mask, extra = attend(k, v)
-    o = attention.dot_product_attention(q, k_all, v_all, mask)
+    k_all, v_all, layout, extra = attend(k, v)
+    o = attention.attend(q, k_all, v_all, **layout, implementation=cfg.attention)
     if z_heads is not None:
         x = x + latent_heads.combine_heads(block["attn"], z_heads, o).astype(dt)
     else:
@@ -157,10 +158,10 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfi
     slots = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
     segment = (slots >= pad[:, None]).astype(jnp.int32)  # 0 = padding, 1 = prompt
     positions = jnp.maximum(slots - pad[:, None], 0)
-    mask = attention.packed_mask(segment)
+    layout = {"segment_ids": segment}  # packed rows: padding and prompt segments
 
     def attend_self(k, v):
-        return k, v, mask, (k, v)
+        return k, v, layout, (k, v)
 
     readout = tr.make_readout(cfg)
     prompt = segment.astype(jnp.float32)  # the tokens the halting rule reads
@@ -197,7 +198,11 @@ def decode_step(params: dict, token: jax.Array, slot: jax.Array, pad: jax.Array,
     t_max = cache.k.shape[3]
     positions = (slot - pad)[:, None]  # (B, 1)
     key_slots = jnp.arange(t_max, dtype=jnp.int32)
-    mask = ((key_slots >= pad[:, None]) & (key_slots <= slot))[:, None, :]  # (B, 1, T_max)
+    # The query (segment 1) sees the cache slots in [pad, slot].
+    layout = {"segment_ids": jnp.ones((b, 1), jnp.int32),
+              "kv_segment_ids": (key_slots >= pad[:, None]).astype(jnp.int32),
+              "q_slots": jnp.broadcast_to(slot, (b, 1)),
+              "kv_slots": jnp.broadcast_to(key_slots, (b, t_max))}
 
     def body(carry, s):
         x, kc, vc = carry
@@ -209,7 +214,7 @@ def decode_step(params: dict, token: jax.Array, slot: jax.Array, pad: jax.Array,
             vc2 = jax.lax.dynamic_update_slice(vc, jnp.swapaxes(v, 1, 2)[None], start)
             k_s = jnp.swapaxes(jax.lax.dynamic_index_in_dim(kc2, s, 0, keepdims=False), 1, 2)
             v_s = jnp.swapaxes(jax.lax.dynamic_index_in_dim(vc2, s, 0, keepdims=False), 1, 2)
-            return k_s, v_s, mask, (kc2, vc2)
+            return k_s, v_s, layout, (kc2, vc2)
 
         x_new, (kc, vc) = _block_step(params["block"], x, positions, attend_cache, cfg, live)
         if depth is not None:

@@ -82,9 +82,10 @@ def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def cosine(params: dict, u: jax.Array) -> jax.Array:
-    """cos(u, proto_e) in float32: u (..., D) -> (..., E)."""
+    """cos(u, proto_e) in float32 at ``Precision.HIGHEST``: u (..., D) -> (..., E)."""
     return jnp.einsum("...d,de->...e", normalize(u.astype(jnp.float32)),
-                      normalize(params["proto_sim"].astype(jnp.float32), axis=0))
+                      normalize(params["proto_sim"].astype(jnp.float32), axis=0),
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 def gate_scores(params: dict, cos: jax.Array, live: jax.Array) -> jax.Array:

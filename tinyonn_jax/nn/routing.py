@@ -35,10 +35,13 @@ def mas(v: jax.Array, axis: int = -1) -> jax.Array:
 def prototype_scores(u: jax.Array, proto: jax.Array, gate: jax.Array) -> jax.Array:
     """CAPR logits ``u . proto^T / sqrt(d) - gate``: (..., d), (P, d), (P,) -> (..., P).
 
-    Computed in float32 whatever the compute dtype, so routing decisions are precision-stable.
+    Computed in float32 whatever the compute dtype, at ``Precision.HIGHEST`` (a TPU would
+    otherwise round the float32 operands to bfloat16), so routing decisions are
+    precision-stable.
     """
     d = u.shape[-1]
-    s = jnp.einsum("...d,pd->...p", u.astype(jnp.float32), proto.astype(jnp.float32))
+    s = jnp.einsum("...d,pd->...p", u.astype(jnp.float32), proto.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
     return s / jnp.sqrt(jnp.float32(d)) - gate.astype(jnp.float32)
 
 

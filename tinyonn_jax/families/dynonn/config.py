@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax.numpy as jnp
-
+from tinyonn_jax import backend
 from tinyonn_jax.fields import (
     DTYPES,
     ROPE_MODES,
@@ -16,6 +15,7 @@ from tinyonn_jax.fields import (
     positive_int,
 )
 from tinyonn_jax.nn import gamoe
+from tinyonn_jax.nn.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 STRUCTURES = ("stack", "recursion")
 SURPRISE_MODES = ("weight_grad", "output_grad")
@@ -63,7 +63,8 @@ class DynOnnConfig:
     regenerate: bool = False  # dead experts: re-initialise (True) or remove (False)
     fuse: bool = False  # zero the main gradient of experts with surprise > mean + k sigma
     fuse_sigma: float = 2.0
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"  # auto: bfloat16 on gpu/tpu, float32 on cpu
+    attention: str = "auto"  # nn.attention.attend implementation; auto: per platform
     remat: bool = False
 
     def __post_init__(self) -> None:
@@ -96,6 +97,7 @@ class DynOnnConfig:
         check(isinstance(self.lifecycle_period, int), s, "lifecycle_period",
                self.lifecycle_period, "must be an integer")
         choice(s, self, "compute_dtype", DTYPES)
+        choice(s, self, "attention", ATTENTION_IMPLEMENTATIONS)
 
     @property
     def groups(self) -> int:
@@ -108,4 +110,5 @@ class DynOnnConfig:
 
     @property
     def dtype(self):
-        return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
+        """The compute dtype on the platform being traced for (``backend.compute_dtype``)."""
+        return backend.compute_dtype(self.compute_dtype)

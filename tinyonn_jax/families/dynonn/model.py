@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from tinyonn_jax.families.dynonn.config import DynOnnConfig
 from tinyonn_jax.families.dynonn.residuals import SITES, Aux, Decisions, Probes, SiteAux
 from tinyonn_jax.nn import gamoe
-from tinyonn_jax.nn.attention import dot_product_attention, packed_mask, rope
+from tinyonn_jax.nn.attention import attend, rope
 from tinyonn_jax.nn.norm import layer_norm
 
 EXPERT_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")  # trained by the main loss
@@ -90,7 +90,7 @@ def mix(x: jax.Array, w_bank: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("btek,bte->btk", y, w.astype(dt))
 
 
-def head_outputs(p: dict, u: jax.Array, positions: jax.Array, amask: jax.Array,
+def head_outputs(p: dict, u: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  cfg: DynOnnConfig) -> jax.Array:
     """Every attention expert as a real head: o (B,T,E,Hw), o_te = head e's attention output
     at t from its own q, k, v (``u Wq_e`` etc.) over all tokens. u (B,T,D).
@@ -107,18 +107,19 @@ def head_outputs(p: dict, u: jax.Array, positions: jax.Array, amask: jax.Array,
     q, k, v = proj("wq"), proj("wk"), proj("wv")
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
-    return dot_product_attention(q, k, v, amask).reshape(b, t, e, h * dh)
+    o = attend(q, k, v, segment_ids, implementation=cfg.attention)
+    return o.reshape(b, t, e, h * dh)
 
 
 def attn_core(p: dict, u: jax.Array, w: jax.Array, probe_head: jax.Array | None,
-              positions: jax.Array, amask: jax.Array, cfg: DynOnnConfig) -> jax.Array:
+              positions: jax.Array, segment_ids: jax.Array, cfg: DynOnnConfig) -> jax.Array:
     """DynSMHA after routing: u (B,T,D), w (B,T,E) -> (B,T,D).
 
     ``head_outputs``: ``sum_e w_te o_te Wo_e`` (``probe_head`` (B,T,E,Hw), if given, is added
     to o); ``weight_mix``: one attention with per-token mixed projections.
     """
     if cfg.smha_mode == "head_outputs":
-        o = head_outputs(p, u, positions, amask, cfg)
+        o = head_outputs(p, u, positions, segment_ids, cfg)
         if probe_head is not None:
             o = o + probe_head.astype(o.dtype)
         ow = o * w.astype(o.dtype)[..., None]  # heads a token did not route to contribute 0
@@ -128,7 +129,8 @@ def attn_core(p: dict, u: jax.Array, w: jax.Array, probe_head: jax.Array | None,
     q, k, v = (heads(mix(u, p[n], w)) for n in ("wq", "wk", "wv"))
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
-    o = dot_product_attention(q, k, v, amask).reshape(b, t, cfg.attn_width)
+    o = attend(q, k, v, segment_ids, implementation=cfg.attention)
+    o = o.reshape(b, t, cfg.attn_width)
     return mix(o, p["wo"], w)
 
 
@@ -174,8 +176,8 @@ def forward(params: dict, tokens: jax.Array, cfg: DynOnnConfig, *,
         segment_ids = jnp.ones((b, t), jnp.int32)
     live = init_live(cfg) if live is None else live
     fb = gamoe.fallback_on(cfg.fallback, training)
-    amask = packed_mask(segment_ids)
-    attn = _maybe_remat(functools.partial(attn_core, positions=positions, amask=amask, cfg=cfg),
+    attn = _maybe_remat(functools.partial(attn_core, positions=positions,
+                                          segment_ids=segment_ids, cfg=cfg),
                         cfg.remat)
     ffn = _maybe_remat(ffn_core, cfg.remat)
     layers = params["layers"]

@@ -13,6 +13,7 @@ from tinyonn_jax.fields import (
     non_negative,
     positive_int,
 )
+from tinyonn_jax.nn.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 ROUTING_MODES = ("capr", "topk", "dense")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -74,7 +75,8 @@ class ModelConfig:
     # Sparse latent-head library: slots per expert as a share of (token, head) rows; its one
     # dispatch serves the union of the q, k and v active sets. 0 = capacity_frac.
     attn_capacity_frac: float = 0.0
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"  # auto: bfloat16 on gpu/tpu, float32 on cpu
+    attention: str = "auto"  # nn.attention.attend implementation; auto: per platform
     max_len: int = 4096
     # Dense baselines (issue 10): the same recursion with unrouted sublayers.
     attn_kind: str = "dynsiha"  # dynsiha | mha (q, k, v, o projections (D, D))
@@ -130,6 +132,7 @@ class ModelConfig:
                and 0.0 <= self.attn_capacity_frac <= 1.0, s, "attn_capacity_frac",
                self.attn_capacity_frac, "must be in [0, 1] (0 = capacity_frac)")
         choice(s, self, "compute_dtype", DTYPES)
+        choice(s, self, "attention", ATTENTION_IMPLEMENTATIONS)
         choice(s, self, "attn_kind", ATTN_KINDS)
         choice(s, self, "attn_layout", ATTN_LAYOUTS)
         if self.latent_heads:  # its heads are evaluated densely: nothing to dispatch sparsely

@@ -40,7 +40,7 @@ def mha_core(params: dict, xn: jax.Array, positions: jax.Array, segment_ids: jax
     if cfg.rope == "rope1d":
         q, k = attention.rope(q, positions, cfg.rope_base), attention.rope(k, positions,
                                                                           cfg.rope_base)
-    o = attention.dot_product_attention(q, k, v, attention.packed_mask(segment_ids))
+    o = attention.attend(q, k, v, segment_ids, implementation=cfg.attention)
     return o.reshape(*o.shape[:2], -1) @ params["o_proj"].astype(o.dtype)
 
 

@@ -15,7 +15,7 @@ import jax
 from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.families.dyntrm.residuals import QKV, Probes
 from tinyonn_jax.nn import experts
-from tinyonn_jax.nn.attention import dot_product_attention, packed_mask, rope
+from tinyonn_jax.nn.attention import attend, rope
 from tinyonn_jax.nn.routing import Route, route
 
 
@@ -88,6 +88,6 @@ def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
-    o = dot_product_attention(q, k, v, packed_mask(segment_ids))
+    o = attend(q, k, v, segment_ids, implementation=cfg.attention)
     o = o.reshape(*o.shape[:2], -1)
     return o @ params["o_proj"].astype(o.dtype)

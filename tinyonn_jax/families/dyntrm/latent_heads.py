@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.families.dyntrm.config import ModelConfig
-from tinyonn_jax.nn.attention import dot_product_attention, packed_mask, rope
+from tinyonn_jax.nn.attention import attend, rope
 from tinyonn_jax.nn.routing import Route, route
 
 HEAD_WEIGHTS = ("wq", "wk", "wv", "wo")  # the parameters of one latent head, stacked over P
@@ -61,7 +61,7 @@ def head_contexts(params: dict, xn: jax.Array, positions: jax.Array, segment_ids
     q, k, v = head_qkv(params, xn)
     if cfg.rope == "rope1d":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
-    return dot_product_attention(q, k, v, packed_mask(segment_ids))
+    return attend(q, k, v, segment_ids, implementation=cfg.attention)
 
 
 def attention_core(params: dict, xn: jax.Array, z: jax.Array, probe: jax.Array | None,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyonn_jax import validate
+from tinyonn_jax import backend, validate
 from tinyonn_jax.families.dyntrm import dynsiha, modules, recursion
 from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.families.dyntrm.residuals import Aux, Probes
@@ -25,7 +25,8 @@ Params = dict
 
 
 def compute_dtype(cfg: ModelConfig):
-    return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+    """The activation dtype of ``cfg`` on the platform being traced for."""
+    return backend.compute_dtype(cfg.compute_dtype)
 
 
 def make_readout(cfg: ModelConfig):

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tinyonn_jax.fields import check, check_field_types, choice, non_negative, positive_int
+from tinyonn_jax.fields import (
+    DTYPES,
+    check,
+    check_field_types,
+    choice,
+    non_negative,
+    positive_int,
+)
+from tinyonn_jax.nn.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 ACTIVATIONS = ("linear", "silu")
 MASK_MODES = ("hard", "ste")
@@ -36,6 +44,8 @@ class SplConfig:
     ln_eps: float = 1e-5
     final_norm: bool = True
     prc: bool = True
+    compute_dtype: str = "auto"  # auto: bfloat16 on gpu/tpu, float32 on cpu
+    attention: str = "auto"  # nn.attention.attend implementation; auto: per platform
     # M-SAPS (tinyonn_jax.families.spl.msaps)
     isolate: bool = True  # main loss -> main params only (routing params get only meta losses)
     w_proto: float = 1.0
@@ -71,6 +81,8 @@ class SplConfig:
         check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
         check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
         check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
+        choice(s, self, "compute_dtype", DTYPES)
+        choice(s, self, "attention", ATTENTION_IMPLEMENTATIONS)
         non_negative(s, self, "w_proto", "w_gate", "l2_coef")
         check(0.0 <= self.ema_decay < 1.0, s, "ema_decay", self.ema_decay, "must be in [0, 1)")
         choice(s, self, "protection", PROTECTION_RULES)

@@ -30,9 +30,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tinyonn_jax import backend
 from tinyonn_jax.families.spl.config import SplConfig
 from tinyonn_jax.families.spl.residuals import Aux, KindStats, SplResidual
-from tinyonn_jax.nn.attention import dot_product_attention, packed_mask, rope
+from tinyonn_jax.nn.attention import attend, rope
 from tinyonn_jax.nn.context import Context, make_context
 from tinyonn_jax.nn.norm import layer_norm
 
@@ -56,9 +57,16 @@ def _unit(v: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def spl_route(x: jax.Array, proto: jax.Array, gate: jax.Array) -> jax.Array:
-    """raw = relu(cos(x, p_j) - x . g_j): x (..., in), proto/gate (N, in) -> (..., N)."""
-    cos = jnp.einsum("...i,ni->...n", _unit(x), _unit(proto))
-    return jax.nn.relu(cos - jnp.einsum("...i,ni->...n", x, gate))
+    """raw = relu(cos(x, p_j) - x . g_j): x (..., in), proto/gate (N, in) -> (..., N) float32.
+
+    Computed in float32 at ``Precision.HIGHEST`` whatever x's dtype, so the routing decision
+    ``raw > 0`` does not depend on the compute dtype or the platform's matmul rounding.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    x = x.astype(jnp.float32)
+    cos = jnp.einsum("...i,ni->...n", _unit(x), _unit(proto.astype(jnp.float32)), precision=hi)
+    return jax.nn.relu(cos - jnp.einsum("...i,ni->...n", x, gate.astype(jnp.float32),
+                                        precision=hi))
 
 
 def spl_mask(raw: jax.Array, mode: str) -> jax.Array:
@@ -91,10 +99,12 @@ def spl_apply(params: dict, x: jax.Array, mode: str, *, activation: str = "linea
     p = params["proto_weight"] if proto is None else proto
     raw = spl_route(x, p, params["gate_param"])
     mask = spl_mask(raw, mode)
-    pre = jnp.einsum("...i,ni->...n", x, params["mu_weight"]) + params["mu_bias"]
-    out = activate(pre, activation) * mask
+    dt = x.dtype  # the compute dtype; the routing (raw, mask) is float32
+    pre = (jnp.einsum("...i,ni->...n", x, params["mu_weight"].astype(dt))
+           + params["mu_bias"].astype(dt))
+    out = activate(pre, activation) * mask.astype(dt)
     if probe is not None:
-        out = out + probe
+        out = out + probe.astype(dt)
     return out, SplResidual(x=x, pre=pre, raw=raw, mask=mask)
 
 
@@ -178,7 +188,7 @@ def spl_block(lp: dict, x: jax.Array, protos: dict, probes: dict | None, ctx: Co
     q, k, v = (spl(c, h)[:, :, None] for c in ("q", "k", "v"))  # one head of width D
     if cfg.rope == "rope1d":
         q, k = rope(q, ctx.positions, cfg.rope_base), rope(k, ctx.positions, cfg.rope_base)
-    x = x + spl("o", dot_product_attention(q, k, v, packed_mask(ctx.segment_ids))[:, :, 0])
+    x = x + spl("o", attend(q, k, v, ctx.segment_ids, implementation=cfg.attention)[:, :, 0])
     if cfg.use_moie:
         f = spl("ffn1", layer_norm(lp["ln2"], x, cfg.ln_eps))
         if cfg.activation == "linear":  # seed-001 MoIE: sbl1 -> ReLU -> sbl2
@@ -199,7 +209,7 @@ def spl_forward(params: dict, tokens: jax.Array, cfg: SplConfig, *,
     else None.
     """
     ctx = make_context(tokens, positions, segment_ids)
-    x = params["embed"][tokens]
+    x = params["embed"][tokens].astype(backend.compute_dtype(cfg.compute_dtype))
     protos = effective_prototypes(params, cfg)
     if cfg.recursion == "stacked":
         layers, shared = params["layers"], None
@@ -213,7 +223,8 @@ def spl_forward(params: dict, tokens: jax.Array, cfg: SplConfig, *,
 
     x, (stats, residuals) = jax.lax.scan(body, x, (layers, protos, probes))
     h = layer_norm(params["final_ln"], x, cfg.ln_eps) if cfg.final_norm else x
-    logits = jnp.einsum("btd,dv->btv", h, params["lm_head"], preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", h, params["lm_head"].astype(h.dtype),
+                        preferred_element_type=jnp.float32)
     aux = Aux(stats=stats if with_stats else None, protos=protos, tokens=jnp.sum(ctx.valid),
               context=ctx, residuals=None if probes is None else residuals)
     return logits, aux

@@ -56,9 +56,9 @@ def site_mu_grads(res: SplResidual, cotangent: jax.Array, activation: str) -> di
     (L,B,T,N) -> mu_weight (L,N,I), mu_bias (L,N). Summed over sites this is jax.grad of the
     (shared or stacked) mu leaves.
     """
-    _, act_vjp = jax.vjp(lambda p: activate(p, activation), res.pre)
-    dpre = act_vjp(cotangent * res.mask)[0]
-    return {"mu_weight": jnp.einsum("lbtn,lbti->lni", dpre, res.x),
+    _, act_vjp = jax.vjp(lambda p: activate(p, activation), res.pre.astype(jnp.float32))
+    dpre = act_vjp((cotangent * res.mask).astype(jnp.float32))[0]
+    return {"mu_weight": jnp.einsum("lbtn,lbti->lni", dpre, res.x.astype(jnp.float32)),
             "mu_bias": jnp.sum(dpre, axis=(1, 2))}
 
 
@@ -70,9 +70,10 @@ def token_mu_surprise(res: SplResidual, cotangent: jax.Array, activation: str) -
     over tokens and sites gives ``mu_surprise``. res: x (L,B,T,I), pre/mask (L,B,T,N);
     cotangent = dL/dM (L,B,T,N).
     """
-    _, act_vjp = jax.vjp(lambda p: activate(p, activation), res.pre)
-    dpre = act_vjp(cotangent * res.mask)[0]
-    return jnp.abs(dpre) * jnp.sqrt(jnp.sum(jnp.square(res.x), axis=-1))[..., None]
+    _, act_vjp = jax.vjp(lambda p: activate(p, activation), res.pre.astype(jnp.float32))
+    dpre = act_vjp((cotangent * res.mask).astype(jnp.float32))[0]
+    x = res.x.astype(jnp.float32)
+    return jnp.abs(dpre) * jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))[..., None]
 
 
 def to_param_layers(a: jax.Array, num_param_layers: int) -> jax.Array:
