@@ -87,7 +87,7 @@ SHARDED = textwrap.dedent("""
     out = {{}}
     for name, devs, over in (("one", jax.devices()[:1], {{}}),
                              ("eight", jax.devices(), {{"train.mesh_expert": 2}})):
-        cfg = _micro_cfg(**{{"data.batch_size": 4, "train.num_steps": 3, "train.eval_every": 0,
+        cfg = _micro_cfg(**{{"data.batch_size": 8, "train.num_steps": 3, "train.eval_every": 0,
                             "train.ckpt_every": 3, **over}})
         res = trainer.run(cfg, {tmp!r} + "/" + name, devices=devs, quiet=True)
         st = trainer.restore_train_state({tmp!r} + "/" + name, step=3)[0]

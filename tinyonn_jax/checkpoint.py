@@ -17,7 +17,8 @@ temporary directories are deleted the next time a writable ``Checkpointer`` open
 Multi-host: every process must construct the ``Checkpointer`` with the same arguments and call
 ``save``/``restore`` together. Orbax coordinates them itself: each process writes the shards it
 owns, the primary process writes metadata and finalizes the step, and barriers keep them in step.
-Hence ``enabled`` is *not* a per-process switch; ``enabled=False`` (on every process) turns the
+The JSON items (data position, config) are written once, by the primary process. Hence
+``enabled`` is *not* a per-process switch; ``enabled=False`` (on every process) turns the
 object into a no-op for runs that do not checkpoint.
 """
 
@@ -202,19 +203,23 @@ class Checkpointer:
     def set_aside(self, step: int, destination: str | Path) -> Path:
         """Move the finalized step ``step`` out of the checkpoint directory into ``destination``
         (e.g. one that cannot be restored), so later saves may reuse its step number. Returns
-        the new path; nothing is deleted."""
+        the new path; nothing is deleted. Every process calls it; process 0 moves the directory
+        (and returns the path it chose) while the others wait for it."""
         manager = self._live()
         if manager is None:
             raise RuntimeError(f"Checkpointer for {self.directory} is disabled")
         manager.wait_until_finished()
         destination = Path(destination)
-        destination.mkdir(parents=True, exist_ok=True)
         target = destination / str(step)
-        n = 1
-        while target.exists():
-            target = destination / f"{step}.{n}"
-            n += 1
-        shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_index() == 0:
+            destination.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while target.exists():
+                target = destination / f"{step}.{n}"
+                n += 1
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"tinyonn_set_aside_{step}")
         manager.reload()
         return target
 

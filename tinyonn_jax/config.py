@@ -22,6 +22,7 @@ from tinyonn_jax.families.spl.config import SplConfig
 from tinyonn_jax.fields import (
     check,
     check_field_types,
+    choice,
     field_types,
     non_negative,
     parse_field_value,
@@ -31,6 +32,7 @@ from tinyonn_jax.fields import (
 MODEL_SECTIONS: dict[str, type] = {"dyntrm": ModelConfig, "spl": SplConfig,
                                    "dynonn": DynOnnConfig}
 MODEL_FAMILIES = tuple(MODEL_SECTIONS)
+DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +113,8 @@ class TrainConfig:
     eval_tasks: int = 8  # held-out tasks (the easiest of the other split) for evaluation
     mesh_data: int = -1  # -1 = all devices not used by the expert axis
     mesh_expert: int = 1
+    # jax.distributed start-up: auto (when a multi-process launcher is detected) | on | off
+    distributed: str = "auto"
     # TRM-style options (issue 10), off by default.
     deep_supervision: tuple[float, ...] = ()  # CE weight per refinement step; () = final only
     ema_decay: float = 0.0  # EMA of the parameters, used for evaluation; 0 = off
@@ -131,6 +135,7 @@ class TrainConfig:
             check(isinstance(v, int) and v >= 0, s, name, v, "must be an integer >= 0")
         check(self.mesh_data == -1 or self.mesh_data > 0, s, "mesh_data", self.mesh_data,
                "must be -1 (auto) or a positive integer")
+        choice(s, self, "distributed", DISTRIBUTED_MODES)
         ds = self.deep_supervision
         check(isinstance(ds, tuple) and all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")

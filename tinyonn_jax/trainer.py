@@ -2,8 +2,16 @@
 
 ``run(cfg, workdir, resume=...)`` is what ``tinyonn-train`` calls. It is a host loop around one
 jitted, state-donating step per batch shape; everything numeric happens in the family's pure
-``train_step``. Only process 0 writes logs and plots; every process takes part in checkpoints
-(orbax writes each process's shards).
+``train_step``.
+
+Several processes (``train.distributed``, ``parallel.maybe_initialize_distributed``): every
+process runs this same program on its own devices of one global mesh. ``data.batch_size`` is the
+global batch; each process builds only its own rows of it (``parallel.local_rows``,
+``DataFeed``) from the global batch plan, so the data position saved with a checkpoint is the
+same for every process and a resume with another process count continues the same stream.
+Only process 0 holds the workdir lock and writes logs, plots, ``config.json``,
+``bad_task_files.txt`` and ``lifecycle.jsonl``; every process takes part in checkpoints (orbax
+writes each process's shards, process 0 the JSON items).
 
 What the loop guarantees:
 
@@ -56,6 +64,7 @@ from tinyonn_jax.families.registry import get_family
 from tinyonn_jax.family import FamilyBase as Family
 from tinyonn_jax.interrupts import GracefulStop
 from tinyonn_jax.observe import dashboards
+from tinyonn_jax.observe.profile import StepProfiler
 from tinyonn_jax.observe.progress import Progress
 from tinyonn_jax.observe.writer import JSONL_NAME, MetricsWriter, load_history
 from tinyonn_jax.workdir import WorkdirLock, check_writable, rewind_jsonl
@@ -130,22 +139,34 @@ def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], list[tuple[str, s
 
 
 class DataFeed:
-    """Curriculum-aware, resumable batch source. Position: {'stage', 'epoch', 'index'}."""
+    """Curriculum-aware, resumable source of this process's rows of every global batch.
 
-    def __init__(self, tasks: list[Task], cfg: Config, position: dict | None = None):
+    ``rows`` are the global row indices this process builds (default: all). The position
+    ``{'stage', 'epoch', 'index', 'processes'}`` locates the next global batch, so it is the
+    same on every process; ``processes`` records how many processes fed the run. A run resumed
+    with another process count continues the same global stream (each process recomputes its
+    rows from the global plan); ``saved_processes`` is the count of the saved position.
+    """
+
+    def __init__(self, tasks: list[Task], cfg: Config, position: dict | None = None, *,
+                 rows=None, processes: int = 1):
         self.cfg = cfg
+        self.rows = rows
+        self.processes = int(processes)
         self.stage_tasks = [tasks[: warmup_count(len(tasks), cfg.data.curriculum_warmup)], tasks]
         position = dict(position or {"stage": 0 if cfg.data.curriculum_steps else 1,
                                      "epoch": 0, "index": 0})
         self.stage = int(position.pop("stage", 1))
-        self.stream = BatchStream(self.stage_tasks[self.stage], cfg.data, start=position)
+        self.saved_processes = int(position.pop("processes", 1))
+        self.stream = BatchStream(self.stage_tasks[self.stage], cfg.data, start=position,
+                                  rows=rows)
 
     def next(self, step: int) -> tuple[dict, dict]:
         if self.stage == 0 and step >= self.cfg.data.curriculum_steps:
             self.stage = 1
-            self.stream = BatchStream(self.stage_tasks[1], self.cfg.data)
+            self.stream = BatchStream(self.stage_tasks[1], self.cfg.data, rows=self.rows)
         batch, pos = next(self.stream)
-        return batch, {"stage": self.stage, **pos}
+        return batch, {"stage": self.stage, **pos, "processes": self.processes}
 
     @property
     def skipped(self) -> int:
@@ -216,9 +237,10 @@ def check_config(cfg: Config, mesh) -> None:
     """What the config must satisfy beyond its own fields, before anything is built."""
     name, vocab = _vocab_field(cfg)
     validate.check_vocab(vocab, "config", field=name)
-    if cfg.data.batch_size % mesh.shape[parallel.DATA]:
-        raise ConfigError(f"config data.batch_size={cfg.data.batch_size}: must be divisible by "
-                          f"the data axis of the mesh ({mesh.shape[parallel.DATA]} devices)")
+    if cfg.data.batch_size % parallel.row_shards(mesh):
+        raise ConfigError(f"config data.batch_size={cfg.data.batch_size}: the global batch must "
+                          f"divide over the data x expert axes of the mesh "
+                          f"({mesh.shape[parallel.DATA]} x {mesh.shape[parallel.EXPERT]} devices)")
     if cfg.train.stop_after_skips < cfg.train.warn_after_skips:
         raise ConfigError(f"config train.stop_after_skips={cfg.train.stop_after_skips}: must be "
                           f">= train.warn_after_skips={cfg.train.warn_after_skips}")
@@ -294,15 +316,22 @@ def _save(ckpt: Checkpointer, step: int, state, pos: dict, cfg: Config) -> None:
 
 
 def run(cfg: Config, workdir: str | Path, *, resume: bool = False, devices=None,
-        quiet: bool = False) -> dict[str, Any]:
+        quiet: bool = False, profile: tuple[int, int] | None = None) -> dict[str, Any]:
     """Train ``cfg`` in ``workdir``. Returns the last logged scalar metrics (host floats).
+
+    ``profile`` (START, STOP): a ``jax.profiler`` trace of those steps in ``workdir/profile``
+    (``observe.profile.StepProfiler``, process 0).
 
     Raises ``UserError`` for what the user can fix (config, data, workdir, checkpoints) and
     ``Interrupted`` after a SIGINT / SIGTERM once the state is saved.
     """
-    parallel.maybe_initialize_distributed()
+    launcher = parallel.maybe_initialize_distributed(cfg.train.distributed)
     workdir = Path(workdir)
     primary = parallel.is_primary()
+    if launcher is not None:
+        say(f"jax.distributed ({launcher}): process {jax.process_index()} of "
+            f"{jax.process_count()} ({jax.device_count()} devices, {jax.local_device_count()} "
+            "on this process)")
     family = get_family(cfg)
     mesh = parallel.make_mesh(cfg.train, devices)
     check_config(cfg, mesh)
@@ -311,13 +340,14 @@ def run(cfg: Config, workdir: str | Path, *, resume: bool = False, devices=None,
         check_writable(workdir)
         lock.acquire()
     try:
-        return _run_locked(cfg, workdir, family, mesh, resume=resume, quiet=quiet)
+        return _run_locked(cfg, workdir, family, mesh, resume=resume, quiet=quiet,
+                           profile=profile)
     finally:
         lock.release()
 
 
 def _run_locked(cfg: Config, workdir: Path, family: Family, mesh, *, resume: bool,
-                quiet: bool) -> dict[str, Any]:
+                quiet: bool, profile=None) -> dict[str, Any]:
     primary = parallel.is_primary()
     tasks, held_out, bad_files = select_tasks(cfg)
     if bad_files and primary:
@@ -331,14 +361,14 @@ def _run_locked(cfg: Config, workdir: Path, family: Family, mesh, *, resume: boo
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     try:
         return _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, tasks,
-                      held_out, len(bad_files), resume=resume, quiet=quiet)
+                      held_out, len(bad_files), resume=resume, quiet=quiet, profile=profile)
     finally:
         ckpt.wait_until_finished()
         ckpt.close()
 
 
 def _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, tasks, held_out,
-           bad_files: int, *, resume: bool, quiet: bool) -> dict[str, Any]:
+           bad_files: int, *, resume: bool, quiet: bool, profile=None) -> dict[str, Any]:
     primary = parallel.is_primary()
     position = None
     latest = ckpt.latest_step()
@@ -358,7 +388,8 @@ def _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, t
             say(f"warning: --resume with changed data config {data_changed}; the data stream "
                 "starts again from its beginning")
             position = None
-        others = [k for k in changed if k not in data_changed and k != "train.num_steps"]
+        others = [k for k in changed if k not in data_changed
+                  and k not in ("train.num_steps", "train.distributed")]
         if others:
             say(f"warning: --resume continues with changed config values {others}")
     else:
@@ -371,7 +402,11 @@ def _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, t
     if resume and start == cfg.train.num_steps:
         say(f"the checkpoint is at step {start} = train.num_steps; nothing to train")
         return {"train/final_step": start}
-    feed = DataFeed(tasks, cfg, position)
+    rows = parallel.local_rows(mesh, (cfg.data.batch_size, cfg.data.max_len))
+    feed = DataFeed(tasks, cfg, position, rows=rows, processes=jax.process_count())
+    if position is not None and feed.saved_processes != feed.processes:
+        say(f"--resume: the checkpoint was written by {feed.saved_processes} process(es); "
+            f"{feed.processes} continue its global data stream")
 
     replicated = NamedSharding(mesh, P())
     step_fn = jax.jit(functools.partial(family.train_step, cfg=cfg, optimizer=optimizer),
@@ -406,14 +441,18 @@ def _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, t
     pos = position or {}
     consecutive_skips = 0
     pending_ok = None  # update_ok of the previous step, read one step late (no device sync)
+    profiler = StepProfiler(workdir, profile, enabled=primary)
     try:
         with GracefulStop() as stop:
             for step in range(start, cfg.train.num_steps):
                 batch, pos = feed.next(step)
                 validate.check_batch(batch, vocab)
-                tokens = float(np.sum(batch["segment_ids"] > 0))
-                state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
+                tokens = float(feed.stream.batch_tokens)  # of the global batch
+                profiler.before_step(step + 1)
+                state, metrics = step_fn(state, parallel.shard_batch(batch, mesh,
+                                                                     cfg.data.batch_size))
                 done = step + 1
+                profiler.after_step(done, state)
                 if pending_ok is not None:
                     consecutive_skips = _count_skips(cfg, pending_ok, consecutive_skips, done - 1)
                 pending_ok = metrics["train/update_ok"]
@@ -469,6 +508,7 @@ def _train(cfg, workdir, family, mesh, ckpt, optimizer, shapes, state_sh, key, t
             if pending_ok is not None:
                 _count_skips(cfg, pending_ok, consecutive_skips, cfg.train.num_steps)
     finally:
+        profiler.close()
         progress.close()
         writer.close()
     last["train/final_step"] = cfg.train.num_steps

@@ -54,7 +54,7 @@ from tinyonn_jax.eval.evaluate import (
 )
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
 from tinyonn_jax.families.registry import get_family
-from tinyonn_jax.runtime import configure_xla_cpu
+from tinyonn_jax.runtime import configure_compile_cache, configure_xla_cpu
 from tinyonn_jax.workdir import write_atomic
 
 PROG = "tinyonn-eval"
@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print the checkpoint's config as JSON and exit without generating")
     p.add_argument("--debug", action="store_true",
                    help="tracebacks for user errors too, JAX traceback filtering off")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache directory (default: the "
+                        "TINYONN_COMPILE_CACHE environment variable; none without it)")
     return p.parse_args(argv)
 
 
@@ -242,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         jax.config.update("jax_traceback_filtering", "off")
     try:
+        configure_compile_cache(args.compile_cache)  # before the first compilation
         return run(args)
     except Exception as e:
         message = user_error_message(e)

@@ -174,10 +174,21 @@ class BatchStream:
     yields exactly the batch that would have come next. Store it with the checkpoint.
 
     ``config`` is any object with ``max_len``, ``batch_size``, ``min_bucket``, ``augment``,
-    ``views_per_task`` and ``seed`` (e.g. ``DataConfig``). Counters: ``skipped`` (a ``Counter``
-    of skipped sequences by reason, over the epochs built since construction),
-    ``skipped_tasks`` (task id -> reason), ``padding_waste`` (pad fraction of all yielded
-    batches).
+    ``views_per_task`` and ``seed`` (e.g. ``DataConfig``); ``batch_size`` is the global batch.
+
+    ``rows`` (default: all) are the global row indices this stream builds, in the order given:
+    a process of a multi-process run builds only its own rows (``parallel.local_rows``) of
+    every global batch. The plan of every batch (which sequences go into which row of which
+    bucket) is global: it needs only the sequences' lengths, which are cheap, and is the same
+    for any ``rows``; only the chosen rows are serialised and packed. The position is therefore
+    the same on every process, and a stream started at a saved position with other ``rows``
+    (e.g. another process count) continues the same global stream.
+
+    Counters, all global (from the plan, equal on every process whatever its ``rows``):
+    ``skipped`` (a ``Counter`` of skipped sequences by reason, over the epochs built since
+    construction), ``skipped_tasks`` (task id -> reason), ``padding_waste`` (pad fraction of
+    all yielded global batches), ``batch_tokens`` (non-padding tokens of the last global
+    batch).
     """
 
     def __init__(
@@ -189,6 +200,7 @@ class BatchStream:
         start: dict[str, int] | None = None,
         shuffle: bool = True,
         lookahead: int = 64,
+        rows: Sequence[int] | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("BatchStream needs at least one task")
@@ -201,6 +213,12 @@ class BatchStream:
         self.shuffle = shuffle
         self.lookahead = max(lookahead, self.batch_size)
         self.buckets = bucket_sizes(int(config.min_bucket), self.max_len)
+        self.rows = np.arange(self.batch_size) if rows is None else np.asarray(rows, np.int64)
+        if (self.rows.ndim != 1 or not self.rows.size or len(set(self.rows.tolist()))
+                != self.rows.size or self.rows.min() < 0 or self.rows.max() >= self.batch_size):
+            raise ValueError(f"rows must be distinct row indices in [0, {self.batch_size}), "
+                             f"got {rows}")
+        self.batch_tokens = 0
         self.skipped: Counter[str] = Counter()
         self.skipped_tasks: dict[str, str] = {}
         self._pad_slots = 0
@@ -261,6 +279,7 @@ class BatchStream:
                 f"max_len={self.max_len} or lack a test output"
             )
         self._items = [it for it, _ in kept]
+        self._lengths = [n for _, n in kept]
         self._plans = plan_batches(
             [n for _, n in kept], self.batch_size, self.buckets, self.lookahead
         )
@@ -279,7 +298,7 @@ class BatchStream:
 
     @property
     def padding_waste(self) -> float:
-        """Pad fraction over all batches yielded so far (0.0 before the first)."""
+        """Pad fraction over all global batches yielded so far (0.0 before the first)."""
         return self._pad_slots / self._slots if self._slots else 0.0
 
     # -- iteration -------------------------------------------------------------------------
@@ -294,9 +313,11 @@ class BatchStream:
         if self._index >= len(self._plans):
             self._load_epoch(self._epoch + 1)
             self._index = 0
-        t, rows = self._plans[self._index]
-        batch = build_batch([[self._sequence(self._items[i]) for i in row] for row in rows], t)
+        t, plan = self._plans[self._index]
+        batch = build_batch([[self._sequence(self._items[i]) for i in plan[r]]
+                             for r in self.rows], t)
         self._index += 1
-        self._pad_slots += int((batch["segment_ids"] == 0).sum())
-        self._slots += batch["segment_ids"].size
+        self.batch_tokens = sum(self._lengths[i] for row in plan for i in row)
+        self._pad_slots += t * self.batch_size - self.batch_tokens
+        self._slots += t * self.batch_size
         return batch, self.position
