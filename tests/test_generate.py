@@ -88,7 +88,7 @@ def _check_against_reference(params, cfg, prompts, new):
     return gen, ref_toks
 
 
-@pytest.mark.parametrize("rope", ["none", "rope1d"])
+@pytest.mark.parametrize("rope", ["none", "rope1d", "rope2d"])
 @pytest.mark.parametrize("use_ffn", [True, False])
 @pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
 def test_kv_cache_equals_full_recompute(rope, use_ffn, layout):

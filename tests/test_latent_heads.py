@@ -31,6 +31,10 @@ B, T, D, P, DH = 2, 7, 8, 3, 4
 SEG = jnp.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]], jnp.int32)
 POS = jnp.array([[0, 1, 2, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5, 6]], jnp.int32)
 ROPE_BASES = [None, 10000.0, 3.0]  # 3.0: large angles, so every rotation pair matters
+# Grid coordinates (grid, row, column) per token, as rope="rope2d" rotates by.
+POS3 = jnp.stack([jnp.array([[0, 1, 1, 0, 1, 1, 0], [1, 1, 1, 2, 2, 2, 2]]),
+                  jnp.array([[0, 0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1, 1]]),
+                  jnp.array([[0, 0, 0, 0, 0, 1, 0], [0, 1, 0, 0, 1, 0, 1]])], axis=-1)
 
 
 def _close(a, b, rtol=1e-5):
@@ -85,34 +89,34 @@ def _frob(a):
     return jnp.sqrt(jnp.sum(jnp.square(a), axis=(-1, -2)))
 
 
-@pytest.mark.parametrize("rope_base", ROPE_BASES)
-def test_per_token_head_statistics_equal_brute_force(rope_base):
+@pytest.mark.parametrize("rope_base,pos", [(b, POS) for b in ROPE_BASES] + [(3.0, POS3)])
+def test_per_token_head_statistics_equal_brute_force(rope_base, pos):
     hp, x, z, g = _random_heads()
-    f, grads = _brute_force(hp, x, z, g, POS, SEG, rope_base)
-    got = heads.token_grad_norms(hp, x, z, g, POS, SEG, rope_base)
+    f, grads = _brute_force(hp, x, z, g, pos, SEG, rope_base)
+    got = heads.token_grad_norms(hp, x, z, g, pos, SEG, rope_base)
     for name, w in (("c_q", "wq"), ("c_k", "wk"), ("c_v", "wv"), ("c_o", "wo")):
         _close(getattr(got, name), _frob(grads[w]))
         assert float(jnp.max(_frob(grads[w]))) > 0  # nothing trivially zero
     _close(got.attribution, f)
     # Heads in groups (lax.map over groups of heads, as for long sequences) give the same.
-    grouped = heads.token_grad_norms(hp, x, z, g, POS, SEG, rope_base, max_elems=1)
+    grouped = heads.token_grad_norms(hp, x, z, g, pos, SEG, rope_base, max_elems=1)
     for a, b in zip(grouped, got, strict=True):
         _close(a, b)
     # Assembled: C over all four matrices, O = |attribution|, goodness from them.
     cfg = tiny_model_config(hidden=D, num_heads=D // DH, num_attn_experts=P,
                             rope="none" if rope_base is None else "rope1d",
                             rope_base=rope_base or 10000.0)
-    st = surprise.head_token_stats(hp, x, z, g, POS, SEG, cfg, "attribution")
+    st = surprise.head_token_stats(hp, x, z, g, pos, SEG, cfg, "attribution")
     _close(st.c, jnp.sqrt(sum(_frob(grads[w]) ** 2 for w in latent_heads.HEAD_WEIGHTS)))
     _close(st.o, jnp.abs(f))
     np.testing.assert_allclose(st.goodness, surprise.goodness(st.o, z, st.c), atol=1e-6)
 
 
-@pytest.mark.parametrize("rope_base", ROPE_BASES)
-def test_per_head_site_gradient_equals_brute_force(rope_base):
+@pytest.mark.parametrize("rope_base,pos", [(b, POS) for b in ROPE_BASES] + [(3.0, POS3)])
+def test_per_head_site_gradient_equals_brute_force(rope_base, pos):
     hp, x, z, g = _random_heads(1)
-    _, grads = _brute_force(hp, x, z, g, POS, SEG, rope_base)
-    got = heads.site_head_grads(hp, x, z, g, POS, SEG, rope_base)
+    _, grads = _brute_force(hp, x, z, g, pos, SEG, rope_base)
+    got = heads.site_head_grads(hp, x, z, g, pos, SEG, rope_base)
     for w in latent_heads.HEAD_WEIGHTS:
         _close(got[w], grads[w].sum(axis=(0, 1)))  # the per-token gradients summed over tokens
 
@@ -130,7 +134,7 @@ def _model_data(cfg, seed=0):
 
 
 @pytest.mark.parametrize("rope,routing_mode", [("none", "capr"), ("rope1d", "capr"),
-                                               ("rope1d", "topk")])
+                                               ("rope1d", "topk"), ("rope2d", "capr")])
 def test_model_statistics_and_total_gradient_equal_brute_force(rope, routing_mode):
     """Inside the model: the statistics of every step from the probes' cotangents equal the
     per-(token, head) brute force on that step's x_n, and the per-head site gradients summed
@@ -148,17 +152,18 @@ def test_model_statistics_and_total_gradient_equal_brute_force(rope, routing_mod
     assert aux.steps.u_attn is None and aux.steps.q is None  # the other layout's fields
     stats = surprise.all_site_stats(params, aux, g_probes, cfg)
     attn = params["block"]["attn"]
-    base = cfg.rope_base if rope == "rope1d" else None
+    base = cfg.rope_base if rope != "none" else None
+    pos = aux.context.positions  # what the model rotated by: 1D positions or grid coordinates
     total = {n: jnp.zeros_like(attn[n]) for n in latent_heads.HEAD_WEIGHTS}
     for s in range(cfg.max_refinement_steps):  # a test-side loop over steps
         x, z, g = aux.steps.u_latent[s], aux.steps.attn.z[s], g_probes.attn[s]
-        f, grads = _brute_force(attn, x, z, g, POS, SEG, base)
+        f, grads = _brute_force(attn, x, z, g, pos, SEG, base)
         c = jnp.sqrt(sum(_frob(grads[n]) ** 2 for n in latent_heads.HEAD_WEIGHTS))
         _close(stats["attn"].c[s], c)
         _close(stats["attn"].c_k[s], _frob(grads["wk"]))
         _close(stats["attn"].o[s], jnp.abs(f))
         assert float(jnp.max(c)) > 0
-        site = heads.site_head_grads(attn, x, z, g, POS, SEG, base)
+        site = heads.site_head_grads(attn, x, z, g, pos, SEG, base)
         total = {n: total[n] + site[n] for n in total}
     for n in latent_heads.HEAD_WEIGHTS:
         _close(total[n], g_params["block"]["attn"][n])

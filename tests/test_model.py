@@ -25,7 +25,7 @@ def _setup(cfg, b=2, seed=0):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("rope", ["none", "rope1d"])
+@pytest.mark.parametrize("rope", ["none", "rope1d", "rope2d"])
 @pytest.mark.parametrize("layout", ["latent_heads", "qkv_routers"])
 def test_scan_equals_unrolled(jit, rope, layout):
     cfg = tiny_model_config(rope=rope, max_refinement_steps=3, attn_layout=layout)
@@ -35,7 +35,7 @@ def test_scan_equals_unrolled(jit, rope, layout):
 
     logits = (jax.jit(fwd) if jit else fwd)(params, tokens)
 
-    ctx = context.make_context(tokens)
+    ctx = context.make_context(tokens, rope=rope)
     x = tr.embed(params, tokens, cfg)
     for _ in range(cfg.max_refinement_steps):  # the reference: a plain Python loop, not jitted
         x, _ = recursion.block_step(params["block"], x, None, ctx, cfg)

@@ -65,7 +65,7 @@ def _copied_forward(params, copies, inputs, cfg):
         qkv = {c: expert_out(copies["attn"][c]["w1"][s], copies["attn"][c]["w2"][s], u,
                              routes[c].z) for c in "qkv"}
         q, k = qkv["q"], qkv["k"]
-        if cfg.rope == "rope1d":
+        if cfg.rope != "none":
             q, k = attention.rope(q, ctx.positions, cfg.rope_base), attention.rope(
                 k, ctx.positions, cfg.rope_base)
         o = attention.dot_product_attention(q, k, qkv["v"], mask).reshape(B, T, -1)

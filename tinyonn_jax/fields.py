@@ -18,7 +18,8 @@ from typing import Any
 
 from tinyonn_jax.errors import ConfigError
 
-ROPE_MODES = ("none", "rope1d")
+# Rotary positions (nn.positions): none, the index in the packed sequence, or grid coordinates.
+ROPE_MODES = ("none", "rope1d", "rope2d")
 # Model compute (activation) dtypes; "auto" = bfloat16 on gpu/tpu, float32 on cpu
 # (tinyonn_jax.backend.compute_dtype). Parameters and routing decisions stay float32.
 DTYPES = ("auto", "float32", "bfloat16")
@@ -147,3 +148,18 @@ def non_negative(section: str, obj: Any, *names: str) -> None:
 def choice(section: str, obj: Any, name: str, choices: tuple[str, ...]) -> None:
     v = getattr(obj, name)
     check(v in choices, section, name, v, f"must be one of {choices}")
+
+
+def check_rope(section: str, obj: Any, width: int, what: str) -> None:
+    """``obj.rope`` is a ``ROPE_MODES`` entry the rotated width ``width`` (named ``what``) fits,
+    and ``obj.rope_base > 1``: 1D RoPE needs an even width, grid RoPE an even width of at least
+    6 (a rotation pair for each of grid, row and column)."""
+    choice(section, obj, "rope", ROPE_MODES)
+    if obj.rope == "rope1d":
+        check(width % 2 == 0, section, "rope", obj.rope,
+              f"1D RoPE needs an even {what}, got {width}")
+    if obj.rope == "rope2d":
+        check(width % 2 == 0 and width >= 6, section, "rope", obj.rope,
+              f"2D grid RoPE needs an even {what} of at least 6 (one rotation pair each for "
+              f"grid, row and column), got {width}")
+    check(obj.rope_base > 1.0, section, "rope_base", obj.rope_base, "must be > 1")

@@ -3,7 +3,8 @@
 Why the cache has a step axis: the shared block is applied ``S = max_refinement_steps`` times, and
 at step ``s`` a token attends to the step-``s`` keys and values of every earlier token (those are
 computed from the step-``s`` hidden states). So the cache keeps one K and one V per refinement
-step, each ``(S, B, H, T_max, Dh)``; K is stored after RoPE (positions never change once written).
+step, each ``(S, B, H, T_max, Dh)``; K is stored after RoPE (positions never change once written;
+with ``rope="rope2d"`` each new token's grid coordinates come from ``nn.positions.GridCursor``).
 
 Batch layout: prompts are **left-padded** (right-aligned) to a common length ``Tp``. Every row then
 writes its n-th new token into the same slot ``Tp + n - 1``, so a single ``dynamic_update_slice``
@@ -44,6 +45,7 @@ from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.families.dyntrm.config import ModelConfig
 from tinyonn_jax.nn import attention
 from tinyonn_jax.nn.norm import layer_norm
+from tinyonn_jax.nn.positions import GridCursor, grid_coordinates, rotary_positions
 
 # The original's budget formula (pixels + rows + 2) at the largest grid, 30x30; it covers the
 # largest legal answer (``tokenizer.max_answer_tokens()`` = 930) with room for a trailing eos.
@@ -123,7 +125,7 @@ def _block_step(block: dict, x: jax.Array, positions: jax.Array, attend: Callabl
         qkv = dynsiha.compose_qkv(block["attn"], u, {c: r.z for c, r in routes.items()}, None,
                                     cfg.attn_dispatch, cfg.attn_capacity)
         q, k, v = qkv["q"], qkv["k"], qkv["v"]
-    if cfg.rope == "rope1d":
+    if cfg.rope != "none":
         q = attention.rope(q, positions, cfg.rope_base)
         k = attention.rope(k, positions, cfg.rope_base)
     k_all, v_all, layout, extra = attend(k, v)
@@ -157,7 +159,7 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfi
     pad = tp - lengths  # (B,)
     slots = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
     segment = (slots >= pad[:, None]).astype(jnp.int32)  # 0 = padding, 1 = prompt
-    positions = jnp.maximum(slots - pad[:, None], 0)
+    positions = rotary_positions(cfg.rope, tokens, jnp.maximum(slots - pad[:, None], 0), segment)
     layout = {"segment_ids": segment}  # packed rows: padding and prompt segments
 
     def attend_self(k, v):
@@ -186,17 +188,20 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfi
 
 def decode_step(params: dict, token: jax.Array, slot: jax.Array, pad: jax.Array,
                 cache: KVCache, cfg: ModelConfig, depth: jax.Array | None = None,
-                live: dict | None = None) -> tuple[jax.Array, KVCache]:
+                live: dict | None = None,
+                coords: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Feed one token per row (B,) at cache slot ``slot`` (scalar); returns logits (B, V), cache.
 
     ``pad`` (B,) is each row's number of left-padding slots: keys in ``[pad, slot]`` are visible.
+    The token's RoPE position is ``slot - pad``; with ``rope="rope2d"`` pass its grid
+    coordinates ``coords`` (B, 3) (``nn.positions.GridCursor``).
     The cache is updated in place at ``[s, :, :, slot]`` for every refinement step s. With
     ``depth`` (B,) (from ``prefill``) a row's hidden state is frozen after ``depth[b]`` steps;
     the later steps still write keys and values, computed from the frozen state.
     """
     b = token.shape[0]
     t_max = cache.k.shape[3]
-    positions = (slot - pad)[:, None]  # (B, 1)
+    positions = (slot - pad)[:, None] if coords is None else coords[:, None]  # (B, 1[, 3])
     key_slots = jnp.arange(t_max, dtype=jnp.int32)
     # The query (segment 1) sees the cache slots in [pad, slot].
     layout = {"segment_ids": jnp.ones((b, 1), jnp.int32),
@@ -305,9 +310,20 @@ def _generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelCon
     # The last generated token is never fed back, hence - 1.
     logits, cache, depth = prefill(params, tokens, lengths, cfg, tp + max_new_tokens - 1,
                                    live)
+    cursor = None
+    if cfg.rope == "rope2d":  # grid coordinates continue from the prompt's last token
+        segment = (jnp.arange(tp) >= pad[:, None]).astype(jnp.int32)
+        last = grid_coordinates(tokens, segment)[:, -1]
+        cursor = GridCursor.after(tokens[:, -1].astype(jnp.int32), last)
 
-    def step(cache, prev, i):
-        return decode_step(params, prev, tp + i - 1, pad, cache, cfg, depth, live)
+    def step(state, prev, i):
+        cache, cursor = state
+        coords = None
+        if cursor is not None:
+            coords, cursor = cursor.step(prev)
+        logits, cache = decode_step(params, prev, tp + i - 1, pad, cache, cfg, depth, live,
+                                    coords)
+        return logits, (cache, cursor)
 
-    out, n, mean_logprob = greedy_loop(logits, cache, step, max_new_tokens)
+    out, n, mean_logprob = greedy_loop(logits, (cache, cursor), step, max_new_tokens)
     return Generation(tokens=out, num_generated=n, mean_logprob=mean_logprob, steps=depth)

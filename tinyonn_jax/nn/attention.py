@@ -24,11 +24,38 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
+def axis_pairs(half: int, axes: int) -> tuple[int, ...]:
+    """How many of the ``half`` rotation pairs each position axis gets: one axis takes all; with
+    three (grid, row, column) the grid index takes a quarter (at least one), the rest split
+    evenly between row and column, the column taking any odd one."""
+    if axes == 1:
+        return (half,)
+    grid = max(1, half // 4)
+    row = (half - grid) // 2
+    return (grid, row, half - grid - row)
+
+
+def rope_angles(positions: jax.Array, half: int, base: float) -> jax.Array:
+    """Rotation angle of each of the ``half`` pairs: positions (B,T) or (B,T,A) -> (B,T,half).
+
+    Each axis gets its own contiguous block of pairs (``axis_pairs``) with frequencies
+    ``base ** (-j / n)`` for j < n, the block's size n; one axis is the usual 1D RoPE ladder.
+    """
+    pos = positions.astype(jnp.float32)
+    if pos.ndim == 2:
+        pos = pos[..., None]
+    blocks = []
+    for a, n in enumerate(axis_pairs(half, pos.shape[-1])):  # static: A <= 3 blocks
+        freqs = base ** (-jnp.arange(n, dtype=jnp.float32) / n)
+        blocks.append(pos[..., a:a + 1] * freqs)
+    return jnp.concatenate(blocks, axis=-1)
+
+
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary position encoding over the last axis: x (B,T,H,Dh), positions (B,T)."""
+    """Rotary position encoding over the last axis: x (B,T,H,Dh), positions (B,T) (1D) or
+    (B,T,A) (one coordinate per axis, ``rope_angles``); pair i is (x_i, x_{i + Dh/2})."""
     half = x.shape[-1] // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions[..., None, None].astype(jnp.float32) * freqs  # (B,T,1,half)
+    angles = rope_angles(positions, half, base)[..., None, :]  # (B,T,1,half)
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

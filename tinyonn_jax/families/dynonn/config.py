@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from tinyonn_jax import backend
 from tinyonn_jax.fields import (
     DTYPES,
-    ROPE_MODES,
     check,
     check_field_types,
+    check_rope,
     choice,
     non_negative,
     positive_int,
@@ -77,13 +77,9 @@ class DynOnnConfig:
         choice(s, self, "structure", STRUCTURES)
         choice(s, self, "fallback", gamoe.FALLBACKS)
         choice(s, self, "weight_mode", gamoe.WEIGHT_MODES)
-        choice(s, self, "rope", ROPE_MODES)
-        if self.rope == "rope1d":
-            check(self.head_dim % 2 == 0, s, "head_dim", self.head_dim,
-                   "must be even for 1D RoPE")
+        check_rope(s, self, self.head_dim, "head_dim")
         check(0.0 < self.gate_init_t <= 100.0, s, "gate_init_t", self.gate_init_t,
                "must be in (0, 100]")
-        check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
         check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
         check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
         choice(s, self, "surprise", SURPRISE_MODES)

@@ -44,6 +44,7 @@ from tinyonn_jax.families.dynonn.residuals import SITES, Aux, Decisions, Probes,
 from tinyonn_jax.nn import gamoe
 from tinyonn_jax.nn.attention import attend, rope
 from tinyonn_jax.nn.norm import layer_norm
+from tinyonn_jax.nn.positions import rotary_positions
 
 EXPERT_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2")  # trained by the main loss
 
@@ -105,7 +106,7 @@ def head_outputs(p: dict, u: jax.Array, positions: jax.Array, segment_ids: jax.A
         return y.reshape(b, t, e * h, dh)
 
     q, k, v = proj("wq"), proj("wk"), proj("wv")
-    if cfg.rope == "rope1d":
+    if cfg.rope != "none":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
     o = attend(q, k, v, segment_ids, implementation=cfg.attention)
     return o.reshape(b, t, e, h * dh)
@@ -127,7 +128,7 @@ def attn_core(p: dict, u: jax.Array, w: jax.Array, probe_head: jax.Array | None,
     b, t, _ = u.shape
     heads = lambda a: a.reshape(b, t, cfg.num_heads, cfg.head_dim)  # noqa: E731
     q, k, v = (heads(mix(u, p[n], w)) for n in ("wq", "wk", "wv"))
-    if cfg.rope == "rope1d":
+    if cfg.rope != "none":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
     o = attend(q, k, v, segment_ids, implementation=cfg.attention)
     o = o.reshape(b, t, cfg.attn_width)
@@ -174,6 +175,7 @@ def forward(params: dict, tokens: jax.Array, cfg: DynOnnConfig, *,
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
+    positions = rotary_positions(cfg.rope, tokens, positions, segment_ids)
     live = init_live(cfg) if live is None else live
     fb = gamoe.fallback_on(cfg.fallback, training)
     attn = _maybe_remat(functools.partial(attn_core, positions=positions,

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from tinyonn_jax.fields import (
     DTYPES,
-    ROPE_MODES,
     check,
     check_field_types,
+    check_rope,
     choice,
     non_negative,
     positive_int,
@@ -112,11 +112,7 @@ class ModelConfig:
         if self.ffn_routing == "topk":
             check(self.ffn_top_k <= self.num_ffn_experts, s, "ffn_top_k", self.ffn_top_k,
                    f"must be <= num_ffn_experts={self.num_ffn_experts}")
-        choice(s, self, "rope", ROPE_MODES)
-        if self.rope == "rope1d":
-            check(self.head_dim % 2 == 0, s, "rope", self.rope,
-                   f"1D RoPE needs an even head width, got {self.head_dim}")
-        check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
+        check_rope(s, self, self.head_dim, "head width")
         check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
         check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
         choice(s, self, "remat", REMAT_POLICIES)

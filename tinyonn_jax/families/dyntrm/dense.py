@@ -37,7 +37,7 @@ def mha_core(params: dict, xn: jax.Array, positions: jax.Array, segment_ids: jax
              cfg: ModelConfig) -> jax.Array:
     """Causal segment-local multi-head attention: xn (B,T,D), positions/segment_ids (B,T)."""
     q, k, v = mha_qkv(params, xn, cfg)
-    if cfg.rope == "rope1d":
+    if cfg.rope != "none":
         q, k = attention.rope(q, positions, cfg.rope_base), attention.rope(k, positions,
                                                                           cfg.rope_base)
     o = attention.attend(q, k, v, segment_ids, implementation=cfg.attention)
@@ -73,7 +73,7 @@ def param_count(cfg: ModelConfig) -> int:
 
 def _hidden_candidates(cfg: ModelConfig) -> list[int]:
     """Hidden widths keeping ``num_heads`` with an (even, for RoPE) integer head width."""
-    step = cfg.num_heads * (2 if cfg.rope == "rope1d" else 1)
+    step = cfg.num_heads * (2 if cfg.rope != "none" else 1)
     return list(range(step, 4 * cfg.hidden + 1, step))
 
 

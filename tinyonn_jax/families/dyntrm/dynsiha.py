@@ -86,7 +86,7 @@ def attention_core(params: dict, u: jax.Array, z: dict[str, jax.Array],
     """Everything after routing: compose q/k/v, RoPE, causal attention, o_proj -> (B,T,D)."""
     qkv = compose_qkv(params, u, z, probes, cfg.attn_dispatch, cfg.attn_capacity, stats_sink)
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
-    if cfg.rope == "rope1d":
+    if cfg.rope != "none":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
     o = attend(q, k, v, segment_ids, implementation=cfg.attention)
     o = o.reshape(*o.shape[:2], -1)

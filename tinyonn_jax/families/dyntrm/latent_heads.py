@@ -5,7 +5,7 @@ and gates ``gate_attn`` (P,) give routing weights z (B,T,P) (``nn.routing.route`
 dynamic number of heads, top-k, or dense). Latent head p is a full attention head with its own
 ``wq``, ``wk``, ``wv`` (P, D, Dh) and ``wo`` (P, Dh, D) slices. Keys and values are computed for
 every head at every token (dense), causal segment-local attention (1D RoPE on q and k when
-``rope == "rope1d"``) gives head p's context o_tp at query t, its output is y_tp = o_tp Wo_p, and
+``rope != "none"``) gives head p's context o_tp at query t, its output is y_tp = o_tp Wo_p, and
 the sublayer's output is the routed sum ``A_t = sum_p z_tp y_tp``: the weights gate the heads per
 query token. A head that is inactive for a query adds nothing to that query but still serves
 keys and values to the others.
@@ -59,7 +59,7 @@ def head_contexts(params: dict, xn: jax.Array, positions: jax.Array, segment_ids
                   cfg: ModelConfig) -> jax.Array:
     """Every latent head's attention context at every query: x_n (B,T,D) -> o (B,T,P,Dh)."""
     q, k, v = head_qkv(params, xn)
-    if cfg.rope == "rope1d":
+    if cfg.rope != "none":
         q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
     return attend(q, k, v, segment_ids, implementation=cfg.attention)
 

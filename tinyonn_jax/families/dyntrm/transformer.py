@@ -95,7 +95,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     """
     validate.check_forward_inputs(params, tokens, cfg, modules.param_layout(cfg), positions,
                                   segment_ids)
-    ctx = context.make_context(tokens, positions, segment_ids, live)
+    ctx = context.make_context(tokens, positions, segment_ids, live, cfg.rope)
     x = embed(params, tokens, cfg)
     _, steps = recursion.refine(params, x, ctx, cfg, probes, make_readout(cfg))
     return steps.logits[-1], Aux(steps=steps, context=ctx)
@@ -114,7 +114,7 @@ def forward_adaptive(params: Params, tokens: jax.Array, cfg: ModelConfig, *,
     """
     validate.check_forward_inputs(params, tokens, cfg, modules.param_layout(cfg), positions,
                                   segment_ids)
-    ctx = context.make_context(tokens, positions, segment_ids)
+    ctx = context.make_context(tokens, positions, segment_ids, rope=cfg.rope)
     readout = make_readout(cfg)
     x, steps = recursion.refine_adaptive(params, embed(params, tokens, cfg), ctx, cfg, readout,
                                          threshold, depth)

@@ -8,6 +8,7 @@ from tinyonn_jax.fields import (
     DTYPES,
     check,
     check_field_types,
+    check_rope,
     choice,
     non_negative,
     positive_int,
@@ -18,7 +19,6 @@ ACTIVATIONS = ("linear", "silu")
 MASK_MODES = ("hard", "ste")
 RECURSIONS = ("stacked", "dyntrm")
 ROUTING_FORMS = ("cos_minus_gate",)
-SPL_ROPE_MODES = ("none", "rope1d")
 PROTECTION_RULES = ("seed", "original", "none")
 ATTN_KINDS = ("q", "k", "v", "o")
 FFN_KINDS = ("ffn1", "ffn2")
@@ -74,11 +74,7 @@ class SplConfig:
         choice(s, self, "mask_mode", MASK_MODES)
         choice(s, self, "activation", ACTIVATIONS)
         choice(s, self, "routing_form", ROUTING_FORMS)
-        choice(s, self, "rope", SPL_ROPE_MODES)
-        if self.rope == "rope1d":
-            check(self.hidden % 2 == 0, s, "rope", self.rope,
-                   f"1D RoPE over the single head needs an even hidden, got {self.hidden}")
-        check(self.rope_base > 1.0, s, "rope_base", self.rope_base, "must be > 1")
+        check_rope(s, self, self.hidden, "hidden (the single head's width)")
         check(0.0 < self.init_std < 1.0, s, "init_std", self.init_std, "must be in (0, 1)")
         check(0.0 < self.ln_eps < 1.0, s, "ln_eps", self.ln_eps, "must be in (0, 1)")
         choice(s, self, "compute_dtype", DTYPES)

@@ -186,7 +186,7 @@ def spl_block(lp: dict, x: jax.Array, protos: dict, probes: dict | None, ctx: Co
 
     h = layer_norm(lp["ln1"], x, cfg.ln_eps)
     q, k, v = (spl(c, h)[:, :, None] for c in ("q", "k", "v"))  # one head of width D
-    if cfg.rope == "rope1d":
+    if cfg.rope != "none":
         q, k = rope(q, ctx.positions, cfg.rope_base), rope(k, ctx.positions, cfg.rope_base)
     x = x + spl("o", attend(q, k, v, ctx.segment_ids, implementation=cfg.attention)[:, :, 0])
     if cfg.use_moie:
@@ -208,7 +208,7 @@ def spl_forward(params: dict, tokens: jax.Array, cfg: SplConfig, *,
     (L_eff,B,T,N)}, ``residuals[kind]`` (``SplResidual``: x, pre, raw, mask) stacked over sites,
     else None.
     """
-    ctx = make_context(tokens, positions, segment_ids)
+    ctx = make_context(tokens, positions, segment_ids, rope=cfg.rope)
     x = params["embed"][tokens].astype(backend.compute_dtype(cfg.compute_dtype))
     protos = effective_prototypes(params, cfg)
     if cfg.recursion == "stacked":

@@ -16,11 +16,12 @@ v its queries, keys and values, pi_ts its attention probabilities, a_t = sum_s p
 
 R_t is the RoPE rotation at t's position (identity without RoPE); it is orthogonal, so it drops
 out of the norms of dWq. Without RoPE dWk is rank 1: ||dWk|| = ||sum_s dl_ts x_s|| ||q_t||
-/ sqrt(Dh). With 1D RoPE, R_s R_s'^T = R_{s-s'} rotates each pair i of q's coordinates by
-(pos_s - pos_s') th_i, so q^T R_s R_s'^T q = sum_i |q_(i)|^2 cos((pos_s - pos_s') th_i) and
+/ sqrt(Dh). With RoPE, R_s rotates each pair i of coordinates by its own angle a_s,i
+(pos_s th_i in 1D; the sum over axes of coordinate times frequency with grid coordinates,
+``nn.attention.rope_angles``), so q^T R_s R_s'^T q = sum_i |q_(i)|^2 cos(a_s,i - a_s',i) and
 
-  ||dWk||^2 = sum_i |q_t,(i)|^2 (||sum_s dl_ts cos(pos_s th_i) x_s||^2
-                                  + ||sum_s dl_ts sin(pos_s th_i) x_s||^2) / Dh
+  ||dWk||^2 = sum_i |q_t,(i)|^2 (||sum_s dl_ts cos(a_s,i) x_s||^2
+                                  + ||sum_s dl_ts sin(a_s,i) x_s||^2) / Dh
 
 over the Dh/2 pairs i = (e, e + Dh/2) of ``nn.attention.rope``. Everything is an einsum over
 (B, P, T, T) attention tensors, O(T^2) per head. The RoPE key term is the largest: it forms the
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyonn_jax.families.dyntrm.latent_heads import HEAD_WEIGHTS, head_qkv
-from tinyonn_jax.nn.attention import packed_mask, rope
+from tinyonn_jax.nn.attention import packed_mask, rope, rope_angles
 
 MAX_ELEMS = 1 << 27  # float32 elements of the largest intermediate per group of heads (512 MB)
 
@@ -97,14 +98,13 @@ def _norm(x: jax.Array) -> jax.Array:
 
 
 def _rope_key_norm_sq(hd: _Head, positions: jax.Array, rope_base: float) -> jax.Array:
-    """||dWk||^2 * Dh with 1D RoPE (module docstring): (B,T,P).
+    """||dWk||^2 * Dh with RoPE, 1D or per-axis (module docstring): (B,T,P).
 
     The cos and sin sums of every rotation pair come out of one matmul, dl (P*T, S) against
     the rotated inputs (S, Dh*D): the (B,P,T,Dh,D) result is the costliest tensor of the site.
     """
     (b, t, d), half = hd.x.shape, hd.q.shape[-1] // 2
-    freqs = rope_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None] * freqs  # (B,S,half)
+    angles = rope_angles(positions, half, rope_base)  # (B,S,half)
     trig = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)  # (B,S,2*half)
     xs = (trig[..., None] * hd.x[:, :, None, :]).reshape(b, t, 2 * half * d)
     w = jnp.einsum("bpts,bsk->bptk", hd.dl, xs).reshape(*hd.dl.shape[:3], 2, half, d)

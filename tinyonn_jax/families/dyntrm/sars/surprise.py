@@ -63,7 +63,7 @@ def head_token_stats(attn: dict, u: jax.Array, z: jax.Array, g: jax.Array,
     x_n (B,T,D), routing z (B,T,P), the probe's cotangent g (B,T,D), positions and segment ids
     (B,T) of the batch."""
     n = heads.token_grad_norms(attn, u, z, g, positions, segment_ids,
-                               cfg.rope_base if cfg.rope == "rope1d" else None)
+                               cfg.rope_base if cfg.rope != "none" else None)
     st = site_stats(z, g, n.c_q, jnp.sqrt(n.c_k**2 + n.c_v**2 + n.c_o**2), n.attribution,
                     importance)  # c = sqrt(c_q^2 + rest^2): the norm over all four matrices
     return HeadStats(c=st.c, c_q=n.c_q, c_k=n.c_k, c_v=n.c_v, c_o=n.c_o, o=st.o,
