@@ -79,6 +79,11 @@ class DataConfig:
     batch_size: int = 1
     min_bucket: int = 64
     max_tasks: int = 0  # 0 = all
+    # The TRM protocol: "" (off) or the split other than ``split`` ("eval" for "train") of the
+    # same ``source``. Its tasks (the easiest max_tasks) add their demonstration pairs only, as
+    # leave-one-out pseudo-tasks (data.tasks.leave_one_out), to the training tasks; their test
+    # outputs are in no training sequence and are what the held-out evaluation scores.
+    demonstrations_from: str = ""
     augment: bool = True
     views_per_task: int = 4
     curriculum_warmup: float = 0.1  # fraction of (easiest) tasks in the warm-up stage
@@ -91,6 +96,10 @@ class DataConfig:
         positive_int(s, self, "max_len", "batch_size", "min_bucket", "views_per_task")
         check(self.split in ("train", "eval"), s, "split", self.split,
                "must be 'train' or 'eval'")
+        other = "eval" if self.split == "train" else "train"
+        check(self.demonstrations_from in ("", other), s, "demonstrations_from",
+               self.demonstrations_from, f"must be '' (off) or {other!r}, the split other than "
+               f"data.split={self.split!r}")
         check(isinstance(self.max_tasks, int) and self.max_tasks >= 0, s, "max_tasks",
                self.max_tasks, "must be an integer >= 0")
         check(isinstance(self.curriculum_steps, int) and self.curriculum_steps >= 0, s,

@@ -51,6 +51,7 @@ from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.batching import BatchStream, pack_sequences
 from tinyonn_jax.data.curriculum import order_by_difficulty, warmup_count
+from tinyonn_jax.data.protocol import load_composition, warn_if_leaked
 from tinyonn_jax.data.tasks import (
     Task,
     TaskFormatError,
@@ -111,18 +112,29 @@ def _load_quietly(source: str, split: str):
 
 
 def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], list[tuple[str, str]]]:
-    """Training tasks (easiest first, ``max_tasks`` of them), held-out tasks, and the bad files
-    of both loads, each file once (a folder without split sub-directories serves both)."""
+    """Training tasks (easiest first), held-out tasks, and the bad files of all loads, each file
+    once (a folder without split sub-directories serves both splits).
+
+    Training tasks: the easiest ``data.max_tasks`` of ``data.split``, plus, with
+    ``data.demonstrations_from``, the leave-one-out pseudo-tasks of the easiest ``max_tasks``
+    tasks of the other split (``data.protocol.compose``). Held-out tasks (``train.eval_tasks``
+    of them, easiest first): those other-split tasks, whose test outputs nothing trains on; with
+    the protocol off, the other split's tasks whose ids are not trained on. Says how many of
+    each, and warns (``data.protocol.warn_if_leaked``) when a held-out test pair is a training
+    pair."""
+    demo_split = cfg.data.demonstrations_from
     try:
-        tasks = _load_quietly(cfg.data.source, cfg.data.split)
+        comp = load_composition(cfg.data.source, cfg.data.split, demonstrations_from=demo_split,
+                                max_tasks=cfg.data.max_tasks, load=_load_quietly)
     except (FileNotFoundError, TaskFormatError, ValueError) as e:
         raise UserError(f"cannot load tasks: {e} (data.source={cfg.data.source!r})") from None
-    reports = [tasks.report]
-    ordered = order_by_difficulty(tasks)
-    if cfg.data.max_tasks:
-        ordered = ordered[: cfg.data.max_tasks]
+    reports = list(comp.reports)
+    ordered = comp.tasks
     held_out: list[Task] = []
-    if cfg.train.eval_tasks:
+    if cfg.train.eval_tasks and demo_split:
+        held_out = [t for t in comp.demonstration_tasks
+                    if t.has_test_outputs][: cfg.train.eval_tasks]
+    elif cfg.train.eval_tasks:
         other = "eval" if cfg.data.split == "train" else "train"
         try:
             held = _load_quietly(cfg.data.source, other)
@@ -135,6 +147,10 @@ def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], list[tuple[str, s
     if not ordered:
         raise UserError(f"no usable tasks (data.source={cfg.data.source!r}, "
                         f"data.split={cfg.data.split!r})")
+    other = demo_split or ("eval" if cfg.data.split == "train" else "train")
+    say(f"training on {comp.describe()}; {len(held_out)} held-out {other} tasks for evaluation")
+    if held_out:
+        warn_if_leaked(ordered, held_out, what="held-out tasks of this run")
     return ordered, held_out, merge_skipped(*reports)
 
 
@@ -247,7 +263,12 @@ def check_config(cfg: Config, mesh) -> None:
 
 
 def _changed_keys(saved: dict, now: dict) -> list[str]:
-    """``section.key`` of every value that differs between two ``Config.to_dict()``."""
+    """``section.key`` of every value that differs between two ``Config.to_dict()``; a field the
+    saved config lacks (written before the field existed) counts as its default."""
+    try:
+        saved = Config.from_dict(saved).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        pass  # compared as saved
     keys = []
     if saved.get("family", "dyntrm") != now.get("family", "dyntrm"):
         keys.append("family")

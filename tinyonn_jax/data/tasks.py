@@ -93,6 +93,19 @@ class Task:
         return out
 
 
+def leave_one_out(task: Task) -> list[Task]:
+    """One pseudo-task per demonstration pair: the other demonstrations as ``train`` and that
+    pair as the only ``test`` pair (id ``<task_id>/demo<j>``). Never reads ``task.test``, so a
+    task's test outputs stay held out. A task with fewer than two demonstrations gives ``[]``
+    (its pseudo-tasks would have no demonstration)."""
+    if len(task.train) < 2:
+        return []
+    return [Task(task_id=f"{task.task_id}/demo{j}",
+                 train=tuple(p for i, p in enumerate(task.train) if i != j),
+                 test=(pair,), source=task.source)
+            for j, pair in enumerate(task.train)]
+
+
 class TaskList(list):
     """A ``list[Task]`` that also carries the ``LoadReport`` of the load that produced it."""
 
