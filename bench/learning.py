@@ -1,11 +1,17 @@
 """Does routing help? Train several configs on the same real ARC tasks, same steps and seeds.
 
 Each task trains on its demonstration pairs only: every training sequence is the task with one
-demonstration held out as the pseudo-test (all rotations of the held-out pair, augmented views
-on top). The real test pairs are never trained on; they are evaluated at the end with
-``eval.evaluate_tasks`` (greedy generation, exact match of the top-voted answer, pass@2 with
-augmentation voting) and with teacher forcing (token accuracy and loss on the test outputs,
-also tracked during training for the learning curves).
+demonstration held out as the pseudo-test (``data.tasks.leave_one_out``: each demonstration in
+turn, augmented views on top). The real test pairs are never trained on; they are evaluated at
+the end with ``eval.evaluate_tasks`` (greedy generation with a constant budget, exact match of
+the top-voted answer, pass@2 with augmentation voting) and with teacher forcing (token accuracy
+and loss on the test outputs, also tracked during training for the learning curves).
+
+With ``--ttt-steps N`` every config is also evaluated with test-time training from the same
+trained state: for each task a copy of the parameters is fine-tuned N steps on that task's
+demonstrations (``eval.ttt.adapt``), then its test pairs are generated and teacher forced with
+the copy. Those results are a second row, ``<config>+ttt``, with the seconds of TTT per task
+and the demonstrations' loss before and after it.
 
 Configs: ``routed`` = the model of configs/tiny.py; ``dense`` = its parameter-matched dense twin
 (MHA + SwiGLU, ``model.dense.match_param_count``); ``routing_off`` = routed with routing mode
@@ -16,6 +22,7 @@ Prints one JSON line per config (means over seeds; per-seed values under ``per_s
 comparison table, and writes the learning curves side by side as a PNG.
 Usage: python bench/learning.py [--tasks FILE] [--budget-steps 300] [--seeds 1]
                                 [--configs routed,dense,routing_off] [--out PATH]
+                                [--max-new-tokens 932] [--ttt-steps 0] [--ttt-lr LR]
 """
 
 from __future__ import annotations
@@ -30,15 +37,17 @@ from pathlib import Path
 import jax
 import numpy as np
 from common import emit
-from tinyonn_jax.families.registry import get_family
 
 from tinyonn_jax import train_state
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.batching import BatchStream, pack_sequences
-from tinyonn_jax.data.tasks import Task, load_tasks
-from tinyonn_jax.data.tokenizer import sequence_length, serialize_task
+from tinyonn_jax.data.tasks import Task, leave_one_out, load_tasks
+from tinyonn_jax.data.tokenizer import max_answer_tokens, sequence_length, serialize_task
+from tinyonn_jax.eval import scoring, ttt
 from tinyonn_jax.eval.evaluate import evaluate_tasks
+from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
 from tinyonn_jax.families.dyntrm import dense
+from tinyonn_jax.families.registry import get_family
 from tinyonn_jax.trainer import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,14 +83,8 @@ def select_tasks(path: str | None, n_default: int = 20) -> list[Task]:
 
 
 def demo_tasks(tasks: list[Task]) -> list[Task]:
-    """One pseudo-task per demonstration: the others as demonstrations, it as the test pair."""
-    out = []
-    for t in tasks:
-        for j, pair in enumerate(t.train):
-            rest = tuple(p for i, p in enumerate(t.train) if i != j)
-            out.append(Task(task_id=f"{t.task_id}/demo{j}", train=rest, test=(pair,),
-                            source=t.source))
-    return out
+    """Every task's leave-one-out pseudo-tasks (``data.tasks.leave_one_out``)."""
+    return [pt for t in tasks for pt in leave_one_out(t)]
 
 
 def test_batches(tasks: list[Task], cfg: Config) -> list[dict]:
@@ -95,25 +98,69 @@ def test_batches(tasks: list[Task], cfg: Config) -> list[dict]:
     return batches
 
 
-def teacher_forced(logits_fn, state, params, batches: list[dict]) -> dict:
-    """Token accuracy and CE over all test-output tokens, and the fraction of test outputs
-    whose every token is right (per packed segment, not per row)."""
-    correct = total = nll = 0.0
-    exact: list[bool] = []
+class TeacherForced:
+    """Sums over test-output tokens (correct, total, NLL) and one exact flag per sequence."""
+
+    def __init__(self) -> None:
+        self.correct = self.total = self.nll = 0.0
+        self.exact: list[bool] = []
+
+    def metrics(self) -> dict:
+        """Token accuracy and CE over all test-output tokens, and the fraction of test outputs
+        whose every token is right."""
+        return {"test_token_acc": self.correct / max(self.total, 1.0),
+                "test_loss": self.nll / max(self.total, 1.0),
+                "test_exact_tf": float(np.mean(self.exact)) if self.exact else 0.0}
+
+
+def teacher_forced(logits_fn, extras, params, batches: list[dict],
+                   acc: TeacherForced | None = None) -> dict:
+    """Add ``batches`` to ``acc`` (a new one when None) and return its metrics; exactness is
+    per packed segment, not per row."""
+    acc = TeacherForced() if acc is None else acc
     for b in batches:
-        logits = np.asarray(logits_fn(state, params, b), np.float64)
+        logits = np.asarray(logits_fn(extras, params, b), np.float64)
         logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
         w, tgt = b["weights"], b["targets"]
         hit = (logits.argmax(-1) == tgt)
-        correct += float((hit * w).sum())
-        total += float(w.sum())
-        nll -= float((np.take_along_axis(logp, tgt[..., None], -1)[..., 0] * w).sum())
+        acc.correct += float((hit * w).sum())
+        acc.total += float(w.sum())
+        acc.nll -= float((np.take_along_axis(logp, tgt[..., None], -1)[..., 0] * w).sum())
         for r in range(w.shape[0]):  # host-side bookkeeping over packed segments
             for k in np.unique(b["segment_ids"][r][b["segment_ids"][r] > 0]):
                 sel = (b["segment_ids"][r] == k) & (w[r] > 0)
-                exact.append(bool(hit[r][sel].all()))
-    return {"test_token_acc": correct / max(total, 1.0), "test_loss": nll / max(total, 1.0),
-            "test_exact_tf": float(np.mean(exact)) if exact else 0.0}
+                acc.exact.append(bool(hit[r][sel].all()))
+    return acc.metrics()
+
+
+def evaluate_with_ttt(cfg: Config, params, extras, tasks: list[Task], seed: int, logits_fn,
+                      args) -> dict:
+    """Test-time training from ``params`` for every task, then generation (pass@2, top-1) and
+    teacher forcing on its test pairs with the adapted copy. Returns the ``+ttt`` metrics."""
+    acc = TeacherForced()
+    reports, seconds, before, after = [], [], [], []
+    t0 = time.perf_counter()
+    for task in tasks:
+        a = ttt.adapt(params, extras, cfg, task, steps=args.ttt_steps, lr=args.ttt_lr,
+                      seed=seed)
+        seconds.append(a.seconds)
+        if a.trained:
+            before.append(ttt.demo_loss(params, extras, cfg, task))
+            after.append(ttt.demo_loss(a.params, a.extras, cfg, task))
+        teacher_forced(logits_fn, a.extras, a.params, test_batches([task], cfg), acc)
+        rs, _ = evaluate_tasks(a.params, cfg, [task], extras=a.extras,
+                               num_views=args.eval_views, seed=seed, batch_size=8,
+                               max_new_tokens=args.max_new_tokens, min_bucket=256)
+        reports.extend(rs)
+    agg = scoring.aggregate(reports)
+    nan = float("nan")
+    return {**acc.metrics(), "exact_top1": agg.pair_top1, "pass2": agg.pair_pass2,
+            "task_score": agg.task_score, "malformed_rate": agg.malformed_rate,
+            "solved": agg.solved_task_ids, "ttt_s_per_task": float(np.mean(seconds)),
+            "ttt_untrained": len(tasks) - len(before),
+            "ttt_demo_loss_before": float(np.mean(before)) if before else nan,
+            "ttt_demo_loss_after": float(np.mean(after)) if after else nan,
+            "eval_s": time.perf_counter() - t0}
 
 
 def run_one(name: str, cfg: Config, tasks: list[Task], seed: int, args) -> dict:
@@ -125,7 +172,7 @@ def run_one(name: str, cfg: Config, tasks: list[Task], seed: int, args) -> dict:
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
     step_fn = family.make_train_step(cfg, optimizer)
     stream = BatchStream(demo_tasks(tasks), cfg.data, seed=seed)
-    logits_fn = jax.jit(lambda s, p, b: family.logits(p, s.extras, b["inputs"], cfg,
+    logits_fn = jax.jit(lambda e, p, b: family.logits(p, e, b["inputs"], cfg,
                                                       positions=b["positions"],
                                                       segment_ids=b["segment_ids"]))
     tbatches = test_batches(tasks, cfg)
@@ -140,16 +187,21 @@ def run_one(name: str, cfg: Config, tasks: list[Task], seed: int, args) -> dict:
         curve["loss"].append(float(m["train/main_loss"]))
         curve["token_acc"].append(float(m["train/token_acc"]))
         if (i + 1) % args.eval_every == 0 or i + 1 == args.budget_steps:
-            tf = teacher_forced(logits_fn, state, train_state.eval_params(state), tbatches)
+            tf = teacher_forced(logits_fn, state.extras, train_state.eval_params(state),
+                                tbatches)
             evals["step"].append(i + 1)
             evals["test_token_acc"].append(tf["test_token_acc"])
             evals["test_loss"].append(tf["test_loss"])
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     params = train_state.eval_params(state)
-    final_tf = teacher_forced(logits_fn, state, params, tbatches)
+    final_tf = teacher_forced(logits_fn, state.extras, params, tbatches)
     _, agg = evaluate_tasks(params, cfg, tasks, num_views=args.eval_views, seed=seed,
-                            batch_size=8, max_new_tokens=args.max_new_tokens, min_bucket=256)
+                            batch_size=8, max_new_tokens=args.max_new_tokens, min_bucket=256,
+                            extras=state.extras)
+    eval_s = time.perf_counter() - t0
+    with_ttt = (evaluate_with_ttt(cfg, params, state.extras, tasks, seed, logits_fn, args)
+                if args.ttt_steps else None)
     tail = max(1, args.budget_steps // 10)
     return {
         "config": name, "seed": seed, "params": n_params, "steps": args.budget_steps,
@@ -159,8 +211,8 @@ def run_one(name: str, cfg: Config, tasks: list[Task], seed: int, args) -> dict:
         "exact_top1": agg.pair_top1, "pass2": agg.pair_pass2, "task_score": agg.task_score,
         "malformed_rate": agg.malformed_rate, "solved": agg.solved_task_ids,
         "skipped_steps": int(jax.device_get(state.skipped)),
-        "train_s": train_s, "eval_s": time.perf_counter() - t0,
-        "curve": curve, "evals": evals,
+        "train_s": train_s, "eval_s": eval_s,
+        "curve": curve, "evals": evals, "ttt": with_ttt,
     }
 
 
@@ -185,11 +237,35 @@ def summarize(name: str, cfg: Config, runs: list[dict], args) -> dict:
     return rec
 
 
+TTT_METRICS = ("test_loss", "test_token_acc", "test_exact_tf", "exact_top1", "pass2",
+               "task_score", "malformed_rate", "ttt_s_per_task", "ttt_demo_loss_before",
+               "ttt_demo_loss_after", "eval_s")
+
+
+def summarize_ttt(base: dict, runs: list[dict], args) -> dict:
+    """The ``<config>+ttt`` record: the test-time-trained evaluation of the same states."""
+    ttts = [r["ttt"] for r in runs]
+    rec = {k: base[k] for k in ("attn", "ffn", "params", "steps", "seeds", "tasks")}
+    rec = {"config": f"{base['config']}+ttt", **rec, "ttt_steps": args.ttt_steps,
+           "ttt_lr": args.ttt_lr, "ttt_untrained": sum(t["ttt_untrained"] for t in ttts)}
+    rec.update({k: float(np.mean([t[k] for t in ttts])) for k in TTT_METRICS})
+    rec["solved"] = sorted({s for t in ttts for s in t["solved"]})
+    rec["per_seed"] = {k: [round(t[k], 4) for t in ttts] for k in
+                       ("test_token_acc", "exact_top1", "pass2")}
+    return rec
+
+
 def print_table(records: list[dict]) -> None:
     cols = ("config", "params", "final_train_loss", "test_loss", "test_token_acc",
             "test_exact_tf", "exact_top1", "pass2", "step_s")
-    rows = [[str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.4f}" for c in cols]
-            for r in records]
+    if any("ttt_s_per_task" in r for r in records):
+        cols += ("ttt_s_per_task", "ttt_demo_loss_before", "ttt_demo_loss_after")
+
+    def cell(r: dict, c: str) -> str:
+        v = r.get(c, "-")  # a +ttt row has no training columns, a plain row no TTT columns
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    rows = [[cell(r, c) for c in cols] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in rows:
@@ -232,12 +308,24 @@ def main() -> None:
     p.add_argument("--configs", default="routed,dense,routing_off")
     p.add_argument("--eval-every", type=int, default=0, help="0 = budget/10")
     p.add_argument("--eval-views", type=int, default=4, help="augmented views for voting")
-    p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="constant generation budget (never the answer's size)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="constant generation budget (never the answer's size), at least "
+                        f"{max_answer_tokens()} (a 30x30 answer)")
+    p.add_argument("--ttt-steps", type=int, default=0,
+                   help="also evaluate with N test-time training steps per task (0 = off)")
+    p.add_argument("--ttt-lr", type=float, default=None,
+                   help="test-time training learning rate (default: optim.learning_rate)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_learning" / "curves.png"))
     args = p.parse_args()
     if args.budget_steps < 1 or args.seeds < 1:
         raise SystemExit("--budget-steps and --seeds must be >= 1")
+    if args.max_new_tokens < max_answer_tokens():
+        raise SystemExit(f"--max-new-tokens must be >= {max_answer_tokens()}, the budget the "
+                         f"largest legal answer (a 30x30 grid) needs; got {args.max_new_tokens}")
+    if args.ttt_steps < 0:
+        raise SystemExit(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
+    if args.ttt_lr is not None and not 0.0 < args.ttt_lr < float("inf"):
+        raise SystemExit(f"--ttt-lr must be a finite number > 0, got {args.ttt_lr}")
     args.eval_every = args.eval_every or max(1, args.budget_steps // 10)
     tasks = select_tasks(args.tasks)
     args.n_tasks = len(tasks)
@@ -253,6 +341,9 @@ def main() -> None:
         rec = summarize(name, cfg, runs, args)
         records.append(rec)
         emit(rec)
+        if args.ttt_steps:
+            records.append(summarize_ttt(rec, runs, args))
+            emit(records[-1])
     print_table(records)
     out = Path(args.out)
     plot(curves, out, smooth=max(1, args.budget_steps // 20))

@@ -20,6 +20,7 @@ from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data import tokenizer
 from tinyonn_jax.data.tasks import load_tasks
+from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
 from tinyonn_jax.families.dyntrm.family import DYNTRM
 from train import evaluate as cli
 
@@ -50,8 +51,9 @@ def run(tmp_path_factory):
 
 
 def _argv(root, out, *extra) -> list[str]:
+    """The default generation budget (the smallest one accepted is the largest answer's)."""
     return ["--workdir", str(root / "work"), "--source", str(root / "tasks"), "--split", "train",
-            "--views", "2", "--max-new-tokens", "16", "--out", str(out), *extra]
+            "--views", "2", "--out", str(out), *extra]
 
 
 def _user_error(capsys, argv) -> str:
@@ -141,6 +143,43 @@ def test_budget_longer_than_max_len_fails_before_generation(run, tmp_path, capsy
     assert "model.max_len=4096" in line and "--max-new-tokens=5000" in line
     assert line.endswith("(model.max_len, --max-new-tokens)")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_budget_below_the_largest_answer_fails_before_generation(run, tmp_path, capsys,
+                                                                 no_generation):
+    root, _ = run
+    low = tokenizer.max_answer_tokens() - 1
+    line = _user_error(capsys, _argv(root, tmp_path / "r.json", "--max-new-tokens", str(low)))
+    assert f"must be >= {low + 1}" in line and line.endswith("(--max-new-tokens)")
+    assert cli.parse_args(["--workdir", "w"]).max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+
+
+def test_ttt_flags(run, tmp_path, capsys, no_generation):
+    root, _ = run
+    args = cli.parse_args(["--workdir", "w"])
+    assert (args.ttt_steps, args.ttt_lr) == (0, None)
+    args = cli.parse_args(["--workdir", "w", "--ttt-steps", "3", "--ttt-lr", "0.01"])
+    assert (args.ttt_steps, args.ttt_lr) == (3, 0.01)
+    line = _user_error(capsys, _argv(root, tmp_path / "r.json", "--ttt-steps", "-1"))
+    assert "must be >= 0, got -1" in line and line.endswith("(--ttt-steps)")
+    line = _user_error(capsys, _argv(root, tmp_path / "r.json", "--ttt-steps", "2",
+                                     "--ttt-lr", "0"))
+    assert line.endswith("(--ttt-lr)")
+
+
+def test_cli_with_ttt_reports_seconds_per_task(run, tmp_path, capsys):
+    root, ids = run
+    out = tmp_path / "report.json"
+    argv = _argv(root, out, "--ttt-steps", "2", "--ttt-lr", "0.003", "--max-tasks", "1")
+    assert cli.main(argv) == 0
+    report = json.loads(out.read_text())
+    agg = report["aggregate"]
+    assert report["ttt_steps"] == agg["ttt_steps"] == 2 and report["ttt_lr"] == 0.003
+    assert agg["n_tasks"] == 1 and agg["ttt_tasks_untrained"] == 0
+    (pair,) = report["reports"]
+    assert pair["task_id"] in ids and agg["ttt_seconds_per_task"] == pair["ttt_seconds"] > 0
+    assert pair["ttt_demo_loss_before"] > 0 and pair["ttt_demo_loss_after"] > 0
+    assert re.search(r"ttt seconds per task\W+\d+\.\d\d\b", capsys.readouterr().out)
 
 
 def test_unwritable_report_path_fails_before_generation(run, tmp_path, capsys, no_generation):

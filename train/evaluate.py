@@ -6,12 +6,20 @@ extras the checkpoint saved (the live-expert pools). The report includes the mea
 steps used (DynTRM's KV-cache path).
 
     tinyonn-eval --workdir DIR [--step N] [--source arc1|arc2|PATH] [--split train|eval]
-                 [--max-tasks K] [--views V] [--out report.json] [--print-config] [--debug]
+                 [--max-tasks K] [--views V] [--max-new-tokens N] [--ttt-steps N [--ttt-lr LR]]
+                 [--out report.json] [--print-config] [--debug]
 
 Reads ``DIR/checkpoints`` (written by ``tinyonn-train``) without modifying it, so it can run next
 to a live training run. Prints a per-test-pair table and the aggregate, and writes a JSON report
 (default ``DIR/eval_step<N>.json``). ``--print-config`` prints the checkpoint's config as JSON and
 stops.
+
+The generation budget ``--max-new-tokens`` is a constant (default
+``eval.generate.DEFAULT_MAX_NEW_TOKENS``), never derived from an answer; a budget below
+``tokenizer.max_answer_tokens()`` (what the largest legal answer, a 30x30 grid, needs) is
+refused. ``--ttt-steps N`` fine-tunes a copy of the parameters on each task's demonstrations
+for N steps before generating its views (``eval.ttt``, learning rate ``--ttt-lr``, default the
+checkpoint's ``optim.learning_rate``); the aggregate and the report give the seconds per task.
 
 Everything that can be checked before generation is: the checkpoint, the generation budget
 against ``model.max_len`` (DynTRM), the tasks (at least one test pair with a known answer) and
@@ -45,6 +53,7 @@ from tinyonn_jax import train_state, validate
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
 from tinyonn_jax.data.tasks import load_tasks
+from tinyonn_jax.data.tokenizer import max_answer_tokens
 from tinyonn_jax.errors import UserError, user_error_message
 from tinyonn_jax.eval.evaluate import (
     EvalAggregate,
@@ -79,7 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the view sampling")
     p.add_argument("--batch-size", type=int, default=8, help="generation rows per call")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help="generation budget per answer (a constant; never the answer's size)")
+                   help="generation budget per answer (a constant; never the answer's size; "
+                        f">= {max_answer_tokens()}, what a 30x30 answer needs)")
+    p.add_argument("--ttt-steps", type=int, default=0,
+                   help="test-time training steps per task on its demonstrations (0 = off)")
+    p.add_argument("--ttt-lr", type=float, default=None,
+                   help="test-time training learning rate (default: the checkpoint's "
+                        "optim.learning_rate)")
     p.add_argument("--out", default=None, help="JSON report (default: WORKDIR/eval_step<N>.json)")
     p.add_argument("--print-config", action="store_true",
                    help="print the checkpoint's config as JSON and exit without generating")
@@ -94,10 +109,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _check_args(args: argparse.Namespace) -> None:
     """Range checks of the numeric flags."""
     for flag, value, low in (("--views", args.views, 1), ("--batch-size", args.batch_size, 1),
-                             ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--max-tasks", args.max_tasks, 0)):
+                             ("--max-tasks", args.max_tasks, 0),
+                             ("--ttt-steps", args.ttt_steps, 0)):
         if value < low:
             raise UserError(f"must be >= {low}, got {value} ({flag})")
+    if args.max_new_tokens < max_answer_tokens():
+        raise UserError(f"must be >= {max_answer_tokens()}, the budget the largest legal answer "
+                        f"(a 30x30 grid) needs, got {args.max_new_tokens} (--max-new-tokens)")
+    if args.ttt_lr is not None and not 0.0 < args.ttt_lr < float("inf"):
+        raise UserError(f"must be a finite number > 0, got {args.ttt_lr} (--ttt-lr)")
 
 
 def restore(workdir: Path, step: int | None) -> tuple[dict, Any, Config, int]:
@@ -170,10 +190,20 @@ def _table(reports: list[EvalTestReport], agg: EvalAggregate) -> tuple[Table, Ta
     tot.add_column("metric")
     tot.add_column("value", justify="right")
     steps = agg.mean_refinement_steps
-    for k, v in (*agg.table().items(), ("tasks", agg.n_tasks), ("test pairs", agg.n_pairs),
-                 ("views skipped (too long)", agg.n_views_skipped),
-                 ("pairs without answer", agg.n_pairs_unscored),
-                 ("mean refinement steps", "-" if steps is None else f"{steps:.2f}")):
+    rows = [*agg.table().items(), ("tasks", agg.n_tasks), ("test pairs", agg.n_pairs),
+            ("views skipped (too long)", agg.n_views_skipped),
+            ("pairs without answer", agg.n_pairs_unscored),
+            ("mean refinement steps", "-" if steps is None else f"{steps:.2f}")]
+    if agg.ttt_steps:
+        def fmt(v: float | None, spec: str) -> str:
+            return "-" if v is None else format(v, spec)
+
+        rows += [("ttt steps", agg.ttt_steps),
+                 ("ttt seconds per task", fmt(agg.ttt_seconds_per_task, ".2f")),
+                 ("ttt tasks not adapted", agg.ttt_tasks_untrained),
+                 ("ttt demo loss before", fmt(agg.ttt_demo_loss_before, ".4f")),
+                 ("ttt demo loss after", fmt(agg.ttt_demo_loss_after, ".4f"))]
+    for k, v in rows:
         tot.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     return per, tot
 
@@ -207,20 +237,23 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else workdir / f"eval_step{step}.json"
     check_report_path(out)
     console = Console()
+    ttt = f", {args.ttt_steps} test-time training steps per task" if args.ttt_steps else ""
     console.print(f"step {step} of {workdir}: {len(tasks)} tasks from {source}/{args.split}, "
-                  f"{args.views} views each")
+                  f"{args.views} views each{ttt}")
     with Progress("generating", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         job = bar.add_task("generating", total=None)
         reports, agg = evaluate_tasks(
             params, cfg, tasks, num_views=args.views, seed=args.seed, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, extras=extras,
+            max_new_tokens=args.max_new_tokens, extras=extras, ttt_steps=args.ttt_steps,
+            ttt_lr=args.ttt_lr,
             progress=lambda done, total: bar.update(job, completed=done, total=total))
     for t in _table(reports, agg):
         console.print(t)
     report = {
         "workdir": str(workdir), "step": step, "source": source, "split": args.split,
         "num_views": args.views, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+        "ttt_steps": args.ttt_steps, "ttt_lr": args.ttt_lr,
         "tasks_skipped_at_load": tasks.report.num_skipped,
         "aggregate": dataclasses.asdict(agg),
         "reports": [r.to_dict() for r in reports],
