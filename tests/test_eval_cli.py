@@ -258,3 +258,14 @@ def test_print_config(run, capsys, no_generation):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(Config(model=tiny_model_config()).to_dict()))
     assert not list((root / "work").glob("eval_step*.json"))
+
+
+def test_cli_warns_when_an_evaluated_test_pair_is_trained_on(run, tmp_path, capsys,
+                                                             no_generation):
+    """The checkpoint's config trains on ARC-AGI-1 training tasks; evaluating two of them says so
+    before generating."""
+    root, _ = run
+    with pytest.raises(AssertionError, match="generated"):
+        cli.main(_argv(root, tmp_path / "r.json"))
+    err = capsys.readouterr().err
+    assert re.search(r"tinyonn-eval: warning: .*2 of 2", err), err

@@ -21,6 +21,10 @@ refused. ``--ttt-steps N`` fine-tunes a copy of the parameters on each task's de
 for N steps before generating its views (``eval.ttt``, learning rate ``--ttt-lr``, default the
 checkpoint's ``optim.learning_rate``); the aggregate and the report give the seconds per task.
 
+When a test pair of the evaluated tasks is also a pair the checkpoint's config trains on (for
+example a run on the ARC-AGI-2 training set evaluated on ARC-AGI-1's evaluation set, which that
+training set contains), a warning names how many (``data.protocol.warn_if_config_leaks``).
+
 Everything that can be checked before generation is: the checkpoint, the generation budget
 against ``model.max_len`` (DynTRM), the tasks (at least one test pair with a known answer) and
 the report path (its directory is created and must accept a new file). The report is written
@@ -41,6 +45,7 @@ import json
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ from rich.table import Table
 from tinyonn_jax import train_state, validate
 from tinyonn_jax.checkpoint import Checkpointer
 from tinyonn_jax.config import Config
+from tinyonn_jax.data.protocol import warn_if_config_leaks
 from tinyonn_jax.data.tasks import load_tasks
 from tinyonn_jax.data.tokenizer import max_answer_tokens
 from tinyonn_jax.errors import UserError, user_error_message
@@ -234,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
     if not any(truth is not None for task in tasks for _, truth in task.test):
         raise UserError(f"none of the {len(tasks)} tasks has a test pair with a known answer "
                         f"({source}, --split {args.split})")
+    with warnings.catch_warnings(record=True) as caught:  # e.g. ARC-AGI-2 train vs ARC-AGI-1 eval
+        warnings.simplefilter("always")
+        warn_if_config_leaks(cfg, tasks)
+    for w in caught:
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     out = Path(args.out) if args.out else workdir / f"eval_step{step}.json"
     check_report_path(out)
     console = Console()
