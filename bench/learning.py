@@ -48,21 +48,33 @@ from tinyonn_jax.eval.evaluate import evaluate_tasks
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
 from tinyonn_jax.families.dyntrm import dense
 from tinyonn_jax.families.registry import get_family
+from tinyonn_jax.fields import ROPE_MODES
 from tinyonn_jax.trainer import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_NAMES = ("routed", "dense", "routing_off")
 
 
-def make_configs(base: Config, names: list[str]) -> dict[str, Config]:
-    """The compared configs, all derived from ``base`` (configs/tiny.py)."""
-    m = base.model
-    models = {"routed": m, "dense": dense.match_param_count(m),
-              "routing_off": dataclasses.replace(m, attn_routing="dense", ffn_routing="dense")}
-    unknown = set(names) - set(models)
+def make_configs(base: Config, names: list[str],
+                 positions: tuple[str, ...] = ("rope1d",)) -> dict[str, Config]:
+    """The compared configs, all derived from ``base`` (configs/tiny.py), each with every rotary
+    position mode of ``positions`` (named ``<config>/<mode>`` when more than one is compared)."""
+    unknown = set(names) - set(CONFIG_NAMES)
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {CONFIG_NAMES}")
-    return {n: dataclasses.replace(base, model=models[n]) for n in names}
+    bad = set(positions) - set(ROPE_MODES)
+    if bad or not positions:
+        raise SystemExit(f"--positions: {sorted(bad) or 'none given'}; choose from {ROPE_MODES}")
+    out = {}
+    for pos in positions:
+        m = dataclasses.replace(base.model, rope=pos)
+        models = {"routed": m, "dense": dense.match_param_count(m),
+                  "routing_off": dataclasses.replace(m, attn_routing="dense",
+                                                     ffn_routing="dense")}
+        for n in names:
+            out[n if len(positions) == 1 else f"{n}/{pos}"] = dataclasses.replace(
+                base, model=models[n])
+    return out
 
 
 def select_tasks(path: str | None, n_default: int = 20) -> list[Task]:
@@ -306,6 +318,8 @@ def main() -> None:
     p.add_argument("--budget-steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--configs", default="routed,dense,routing_off")
+    p.add_argument("--positions", default="rope1d",
+                   help="rotary position modes to compare, e.g. rope1d,rope2d")
     p.add_argument("--eval-every", type=int, default=0, help="0 = budget/10")
     p.add_argument("--eval-views", type=int, default=4, help="augmented views for voting")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
@@ -330,7 +344,8 @@ def main() -> None:
     tasks = select_tasks(args.tasks)
     args.n_tasks = len(tasks)
     base = load_config(ROOT / "configs" / "tiny.py")
-    configs = make_configs(base, [c.strip() for c in args.configs.split(",") if c.strip()])
+    configs = make_configs(base, [c.strip() for c in args.configs.split(",") if c.strip()],
+                           tuple(c.strip() for c in args.positions.split(",") if c.strip()))
     print(f"# {len(tasks)} tasks, {len(demo_tasks(tasks))} demonstration hold-outs, "
           f"{args.budget_steps} steps x {args.seeds} seed(s): {', '.join(configs)}",
           file=sys.stderr)

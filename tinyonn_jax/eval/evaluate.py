@@ -132,15 +132,17 @@ def make_generator(params: Any, cfg: Config, extras: Any = None) -> Generator:
     """The greedy generator of ``cfg.family``: DynTRM's KV-cache ``generate`` (per-row adaptive
     depth, ``Generation.steps``; with an expert pool in ``extras`` its live masks), every other
     family ``generate_by_recompute`` on ``family.logits`` with its ``extras`` (e.g. DynONN's
-    live-expert pool).
+    live-expert pool). A row stops as soon as its answer can no longer be a grid
+    (``grammar.AnswerState``): the score is the same, the malformed tail is not generated.
     """
     if cfg.family == "dyntrm":
         live = None if extras is None else extras.live
         return lambda tokens, lengths, n: generate(params, tokens, lengths, cfg.model,
-                                                   max_new_tokens=n, live=live)
+                                                   max_new_tokens=n, live=live,
+                                                   stop_hopeless=True)
     logits_fn = FamilyLogits(get_family(cfg), cfg)
     return lambda tokens, lengths, n: generate_by_recompute(
-        logits_fn, (params, extras), tokens, lengths, max_new_tokens=n)
+        logits_fn, (params, extras), tokens, lengths, max_new_tokens=n, stop_hopeless=True)
 
 
 def _build_jobs(tasks: Sequence[Task], num_views: int, seed: int, limit: int | None):

@@ -23,7 +23,8 @@ complete, and the result equals a full-sequence ``transformer.forward_adaptive``
 ``depth=d``; with ``model.halting="none"`` (or a head that never halts) it is exactly
 ``transformer.forward``.
 
-Decoding stops per row at ``<im_end>`` or ``<eos>`` and for the batch when every row has
+Decoding stops per row at ``<im_end>`` or ``<eos>`` (with ``stop_hopeless`` also once the answer
+can no longer decode to a grid, ``eval.grammar``) and for the batch when every row has
 stopped or after ``max_new_tokens``, a budget that is a constant and never depends on the answer
 (the original sized it from the true answer and so leaked it, reference.md section 7).
 """
@@ -40,6 +41,7 @@ import numpy as np
 
 from tinyonn_jax import validate
 from tinyonn_jax.data.tokenizer import EOS, IM_END, PAD
+from tinyonn_jax.eval.grammar import AnswerState
 from tinyonn_jax.families.dyntrm import dense, dynmoe, dynsiha, halting, latent_heads, modules
 from tinyonn_jax.families.dyntrm import transformer as tr
 from tinyonn_jax.families.dyntrm.config import ModelConfig
@@ -244,27 +246,32 @@ def _is_stop(tok: jax.Array) -> jax.Array:
     return functools.reduce(jnp.logical_or, [tok == s for s in STOP_TOKENS])
 
 
-def greedy_loop(logits: jax.Array, state, step: Callable,
-                max_new_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def greedy_loop(logits: jax.Array, state, step: Callable, max_new_tokens: int,
+                stop_hopeless: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Greedy decoding with a ``lax.while_loop``, shared by every generator.
 
     ``logits`` (B, V) predict the first new token; ``step(state, prev, i) -> (logits, state)``
     feeds ``prev`` (B,), the token generated at index ``i - 1``, and predicts token ``i``. A row
-    stops at a stop token (emitting PAD after it), the batch when every row has stopped or after
-    ``max_new_tokens``. Returns tokens (B, max_new_tokens) int32, the number generated (B,),
-    the stop token included, and their mean log-probability (B,).
+    stops at a stop token (emitting PAD after it), with ``stop_hopeless`` also as soon as its
+    answer can no longer decode to a grid (``grammar.AnswerState``; such a row ends without a
+    stop token, which scores exactly as the malformed answer it would have become); the batch
+    stops when every row has stopped or after ``max_new_tokens``. Returns tokens
+    (B, max_new_tokens) int32, the number generated (B,), the stop token included, and their
+    mean log-probability (B,).
     """
     b = logits.shape[0]
     tok, logp = _pick(logits)
+    answer, hopeless = AnswerState.start(b).advance(tok)
+    done = _is_stop(tok) | (hopeless & stop_hopeless)
     out = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(tok)
-    init = (jnp.int32(1), out, jnp.ones((b,), jnp.int32), logp, _is_stop(tok), state)
+    init = (jnp.int32(1), out, jnp.ones((b,), jnp.int32), logp, done, answer, state)
 
     def cond(c):
-        i, *_, done, _ = c
+        i, *_, done, _, _ = c
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(c):
-        i, out, n, logp_sum, done, state = c
+        i, out, n, logp_sum, done, answer, state = c
         prev = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1, keepdims=False)
         logits, state = step(state, prev, i)
         tok, logp = _pick(logits)
@@ -272,19 +279,23 @@ def greedy_loop(logits: jax.Array, state, step: Callable,
         out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
         n = n + (~done).astype(jnp.int32)
         logp_sum = logp_sum + jnp.where(done, 0.0, logp)
-        return i + 1, out, n, logp_sum, done | _is_stop(tok), state
+        answer, hopeless = answer.advance(tok)
+        stop = _is_stop(tok) | (hopeless & stop_hopeless)
+        return i + 1, out, n, logp_sum, done | stop, answer, state
 
-    _, out, n, logp_sum, _, _ = jax.lax.while_loop(cond, body, init)
+    _, out, n, logp_sum, *_ = jax.lax.while_loop(cond, body, init)
     return out, n, logp_sum / n
 
 
 def generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig, *,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             live: dict | None = None) -> Generation:
+             live: dict | None = None, stop_hopeless: bool = False) -> Generation:
     """Greedy decoding of left-padded prompts tokens (B, Tp) with true lengths (B,).
 
     ``live`` {pool: (P,) bool}: the live masks of a model with an expert pool (the
     ``TrainState.extras.live`` of a DynTRM run with a lifecycle); None: every expert is live.
+    ``stop_hopeless``: a row also stops once its answer can no longer be a grid
+    (``greedy_loop``).
 
     Compiles once per (B, Tp, cfg, max_new_tokens); see ``left_pad`` and the module docstring
     for the layout. Returns a ``Generation`` with tokens (B, max_new_tokens).
@@ -297,12 +308,13 @@ def generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConf
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     validate.check_generate_inputs(params, tokens, lengths, cfg, modules.param_layout(cfg))
-    return _generate(params, tokens, lengths, cfg, live, max_new_tokens=max_new_tokens)
+    return _generate(params, tokens, lengths, cfg, live, max_new_tokens=max_new_tokens,
+                     stop_hopeless=stop_hopeless)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_hopeless"))
 def _generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig,
-              live: dict | None, *, max_new_tokens: int) -> Generation:
+              live: dict | None, *, max_new_tokens: int, stop_hopeless: bool) -> Generation:
     """The jitted body of ``generate`` (arguments already checked)."""
     tp = tokens.shape[1]
     lengths = lengths.astype(jnp.int32)
@@ -325,5 +337,6 @@ def _generate(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: ModelCon
                                     coords)
         return logits, (cache, cursor)
 
-    out, n, mean_logprob = greedy_loop(logits, (cache, cursor), step, max_new_tokens)
+    out, n, mean_logprob = greedy_loop(logits, (cache, cursor), step, max_new_tokens,
+                                       stop_hopeless)
     return Generation(tokens=out, num_generated=n, mean_logprob=mean_logprob, steps=depth)

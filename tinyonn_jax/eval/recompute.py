@@ -52,11 +52,12 @@ class FamilyLogits:
 
 
 def generate_by_recompute(logits_fn: LogitsFn, state, tokens: jax.Array, lengths: jax.Array, *,
-                          max_new_tokens: int) -> Generation:
+                          max_new_tokens: int, stop_hopeless: bool = False) -> Generation:
     """Greedy decoding of left-padded prompts tokens (B, Tp) with true lengths (B,).
 
     ``logits_fn(state, tokens, positions, segment_ids) -> (B, L, V)`` is a hashable causal
-    model (``FamilyLogits``); ``state`` its parameters (any pytree). Returns a ``Generation``
+    model (``FamilyLogits``); ``state`` its parameters (any pytree). ``stop_hopeless``: a row
+    also stops once its answer can no longer be a grid (``greedy_loop``). Returns a ``Generation``
     with tokens (B, max_new_tokens) and ``steps=None``. Raises ``ValueError`` when
     ``max_new_tokens < 1`` or ``lengths`` is not (B,).
     """
@@ -66,12 +67,12 @@ def generate_by_recompute(logits_fn: LogitsFn, state, tokens: jax.Array, lengths
         raise ValueError(f"lengths must have shape (B,) like tokens {jnp.shape(tokens)}, got "
                          f"{jnp.shape(lengths)}")
     return _generate_by_recompute(logits_fn, state, tokens, lengths,
-                                  max_new_tokens=max_new_tokens)
+                                  max_new_tokens=max_new_tokens, stop_hopeless=stop_hopeless)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("logits_fn", "max_new_tokens", "stop_hopeless"))
 def _generate_by_recompute(logits_fn: LogitsFn, state, tokens: jax.Array, lengths: jax.Array,
-                           *, max_new_tokens: int) -> Generation:
+                           *, max_new_tokens: int, stop_hopeless: bool) -> Generation:
     """The jitted body of ``generate_by_recompute``."""
     b, tp = tokens.shape
     pad = tp - lengths.astype(jnp.int32)  # (B,)
@@ -91,5 +92,6 @@ def _generate_by_recompute(logits_fn: LogitsFn, state, tokens: jax.Array, length
         buf = jax.lax.dynamic_update_index_in_dim(buf, prev, tp + i - 1, axis=1)
         return logits_at(buf, tp + i - 1), buf
 
-    out, n, mean_logprob = greedy_loop(logits_at(buf, tp - 1), buf, step, max_new_tokens)
+    out, n, mean_logprob = greedy_loop(logits_at(buf, tp - 1), buf, step, max_new_tokens,
+                                       stop_hopeless)
     return Generation(tokens=out, num_generated=n, mean_logprob=mean_logprob)
