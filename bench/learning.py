@@ -16,12 +16,14 @@ and the demonstrations' loss before and after it.
 Configs: ``routed`` = the model of configs/tiny.py; ``dense`` = its parameter-matched dense twin
 (MHA + SwiGLU, ``model.dense.match_param_count``); ``routing_off`` = routed with routing mode
 "dense" (every expert active with weight 1/P). All share tiny.py's optimizer, SARS and data
-settings (SARS is off for the dense twin: it has no routed site).
+settings (SARS is off for the dense twin: it has no routed site). ``--positions rope1d,rope2d``
+runs each config with each rotary position mode (``<config>/<mode>``; default: tiny.py's).
 
 Prints one JSON line per config (means over seeds; per-seed values under ``per_seed``), then a
 comparison table, and writes the learning curves side by side as a PNG.
 Usage: python bench/learning.py [--tasks FILE] [--budget-steps 300] [--seeds 1]
-                                [--configs routed,dense,routing_off] [--out PATH]
+                                [--configs routed,dense,routing_off] [--positions MODES]
+                                [--eval-views 4] [--out PATH]
                                 [--max-new-tokens 932] [--ttt-steps 0] [--ttt-lr LR]
 """
 
@@ -56,7 +58,7 @@ CONFIG_NAMES = ("routed", "dense", "routing_off")
 
 
 def make_configs(base: Config, names: list[str],
-                 positions: tuple[str, ...] = ("rope1d",)) -> dict[str, Config]:
+                 positions: tuple[str, ...]) -> dict[str, Config]:
     """The compared configs, all derived from ``base`` (configs/tiny.py), each with every rotary
     position mode of ``positions`` (named ``<config>/<mode>`` when more than one is compared)."""
     unknown = set(names) - set(CONFIG_NAMES)
@@ -318,8 +320,9 @@ def main() -> None:
     p.add_argument("--budget-steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--configs", default="routed,dense,routing_off")
-    p.add_argument("--positions", default="rope1d",
-                   help="rotary position modes to compare, e.g. rope1d,rope2d")
+    p.add_argument("--positions", default="",
+                   help="rotary position modes to compare, e.g. rope1d,rope2d (default: the "
+                        "config's model.rope)")
     p.add_argument("--eval-every", type=int, default=0, help="0 = budget/10")
     p.add_argument("--eval-views", type=int, default=4, help="augmented views for voting")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
@@ -344,8 +347,9 @@ def main() -> None:
     tasks = select_tasks(args.tasks)
     args.n_tasks = len(tasks)
     base = load_config(ROOT / "configs" / "tiny.py")
+    positions = tuple(c.strip() for c in args.positions.split(",") if c.strip())
     configs = make_configs(base, [c.strip() for c in args.configs.split(",") if c.strip()],
-                           tuple(c.strip() for c in args.positions.split(",") if c.strip()))
+                           positions or (base.model.rope,))
     print(f"# {len(tasks)} tasks, {len(demo_tasks(tasks))} demonstration hold-outs, "
           f"{args.budget_steps} steps x {args.seeds} seed(s): {', '.join(configs)}",
           file=sys.stderr)
