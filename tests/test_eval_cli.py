@@ -267,5 +267,5 @@ def test_cli_warns_when_an_evaluated_test_pair_is_trained_on(run, tmp_path, caps
     root, _ = run
     with pytest.raises(AssertionError, match="generated"):
         cli.main(_argv(root, tmp_path / "r.json"))
-    err = capsys.readouterr().err
-    assert re.search(r"tinyonn-eval: warning: .*2 of 2", err), err
+    out = capsys.readouterr().out
+    assert re.search(r"tinyonn-eval: warning: .*2 of 2", out), out

@@ -24,7 +24,7 @@ from tinyonn_jax.families.registry import get_family
 from train import evaluate as cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"dyntrm": ("tiny.py", ["model.hidden=16", "model.num_heads=2",
+CONFIGS = {"dyntrm": ("tiny.py", ["model.num_heads=2", "model.hidden=16",
                                   "model.init_attn_experts=2", "model.init_ffn_experts=2",
                                   "model.num_attn_experts=4", "model.num_ffn_experts=4",
                                   "model.max_refinement_steps=2"]),

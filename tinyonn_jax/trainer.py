@@ -147,8 +147,9 @@ def select_tasks(cfg: Config) -> tuple[list[Task], list[Task], list[tuple[str, s
     if not ordered:
         raise UserError(f"no usable tasks (data.source={cfg.data.source!r}, "
                         f"data.split={cfg.data.split!r})")
-    other = demo_split or ("eval" if cfg.data.split == "train" else "train")
-    say(f"training on {comp.describe()}; {len(held_out)} held-out {other} tasks for evaluation")
+    if demo_split:  # the composition of the protocol's training set
+        say(f"training on {comp.describe()}; {len(held_out)} held-out {demo_split} tasks for "
+            f"evaluation")
     if held_out:
         warn_if_leaked(ordered, held_out, what="held-out tasks of this run")
     return ordered, held_out, merge_skipped(*reports)

@@ -243,8 +243,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:  # e.g. ARC-AGI-2 train vs ARC-AGI-1 eval
         warnings.simplefilter("always")
         warn_if_config_leaks(cfg, tasks)
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    for w in caught:  # on stdout: stderr carries only the one line of a user error
+        print(f"{PROG}: warning: {w.message}")
     out = Path(args.out) if args.out else workdir / f"eval_step{step}.json"
     check_report_path(out)
     console = Console()
