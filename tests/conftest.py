@@ -22,6 +22,16 @@ from tinyonn_jax.config import Config, DynOnnConfig, ModelConfig, SplConfig  # n
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's in-memory compiled programs after every test module. Each CPU executable keeps
+    memory mappings; a worker that compiles half the suite would otherwise pass the kernel's
+    per-process limit (vm.max_map_count, 65530 by default) and crash inside XLA. The persistent
+    compilation cache above still serves later modules that compile the same programs."""
+    yield
+    jax.clear_caches()
+
+
 def tiny_model_config(**kw) -> ModelConfig:
     """hidden 16, 2 heads, 4 experts, 2 steps: the brute-force test size."""
     base = dict(vocab_size=18, hidden=16, num_heads=2, num_attn_experts=4, num_ffn_experts=4,
