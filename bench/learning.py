@@ -46,7 +46,7 @@ from tinyonn_jax.data.batching import BatchStream, pack_sequences
 from tinyonn_jax.data.tasks import Task, leave_one_out, load_tasks
 from tinyonn_jax.data.tokenizer import max_answer_tokens, sequence_length, serialize_task
 from tinyonn_jax.eval import scoring, ttt
-from tinyonn_jax.eval.evaluate import evaluate_tasks
+from tinyonn_jax.eval.evaluate import evaluate_tasks, ttt_demo_losses
 from tinyonn_jax.eval.generate import DEFAULT_MAX_NEW_TOKENS
 from tinyonn_jax.families.dyntrm import dense
 from tinyonn_jax.families.registry import get_family
@@ -153,14 +153,17 @@ def evaluate_with_ttt(cfg: Config, params, extras, tasks: list[Task], seed: int,
     teacher forcing on its test pairs with the adapted copy. Returns the ``+ttt`` metrics."""
     acc = TeacherForced()
     reports, seconds, before, after = [], [], [], []
+    untrained = 0
     t0 = time.perf_counter()
     for task in tasks:
         a = ttt.adapt(params, extras, cfg, task, steps=args.ttt_steps, lr=args.ttt_lr,
                       seed=seed)
         seconds.append(a.seconds)
-        if a.trained:
-            before.append(ttt.demo_loss(params, extras, cfg, task))
-            after.append(ttt.demo_loss(a.params, a.extras, cfg, task))
+        untrained += not a.trained
+        loss_before, loss_after = ttt_demo_losses(params, extras, cfg, task, a)
+        if loss_before is not None:
+            before.append(loss_before)
+            after.append(loss_after)
         teacher_forced(logits_fn, a.extras, a.params, test_batches([task], cfg), acc)
         rs, _ = evaluate_tasks(a.params, cfg, [task], extras=a.extras,
                                num_views=args.eval_views, seed=seed, batch_size=8,
@@ -171,7 +174,7 @@ def evaluate_with_ttt(cfg: Config, params, extras, tasks: list[Task], seed: int,
     return {**acc.metrics(), "exact_top1": agg.pair_top1, "pass2": agg.pair_pass2,
             "task_score": agg.task_score, "malformed_rate": agg.malformed_rate,
             "solved": agg.solved_task_ids, "ttt_s_per_task": float(np.mean(seconds)),
-            "ttt_untrained": len(tasks) - len(before),
+            "ttt_untrained": untrained,
             "ttt_demo_loss_before": float(np.mean(before)) if before else nan,
             "ttt_demo_loss_after": float(np.mean(after)) if after else nan,
             "eval_s": time.perf_counter() - t0}

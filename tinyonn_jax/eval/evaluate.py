@@ -180,7 +180,7 @@ def _prediction(tokens: np.ndarray, n: int, logprob: float,
     return (view.invert_grid(decoded.grid) if decoded.ok else None), logprob
 
 
-def _demo_losses(params: Any, extras: Any, cfg: Config, task: Task,
+def ttt_demo_losses(params: Any, extras: Any, cfg: Config, task: Task,
                  adapted: ttt.Adapted) -> tuple[float | None, float | None]:
     """``ttt.demo_loss`` of the base and the adapted parameters; (None, None) when the task was
     not adapted or its identity view has no sequence within ``data.max_len``."""
@@ -291,7 +291,7 @@ def evaluate_tasks(
             if not group:  # nothing to generate: no adaptation either
                 continue
             a = ttt.adapt(params, extras, cfg, task, steps=ttt_steps, lr=ttt_lr, seed=seed)
-            adapted_by[id(task)] = (a.seconds, *_demo_losses(params, extras, cfg, task, a))
+            adapted_by[id(task)] = (a.seconds, *ttt_demo_losses(params, extras, cfg, task, a))
             untrained += not a.trained
             done = _generate_jobs(make_generator(a.params, cfg, a.extras), group, preds,
                                   steps_used, done=done, **run)
